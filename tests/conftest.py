@@ -1,0 +1,29 @@
+"""Shared fixtures: the demo corpus and the tiny model (built offline when missing)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest  # noqa: E402
+
+import mair_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_root():
+    """The demo corpus under mair_config.DATA_ROOT, built if missing."""
+    if not all(os.path.exists(mair_config.queries_path(t)) for t in mair_config.DEMO_TASK_DOMAIN):
+        from dataset import build_demo
+        build_demo.build()
+    return mair_config.DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(demo_root):
+    """Path of the offline tiny model, built if missing."""
+    from models import build_tiny
+    if not os.path.exists(os.path.join(build_tiny.OUT_DIR, "config.json")):
+        build_tiny.build()
+    return build_tiny.OUT_DIR
