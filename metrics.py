@@ -1,0 +1,515 @@
+"""Evaluation: qrels and runs, ir-measures metrics, TREC run files, the BM25 baseline, result
+tables, and the statistics and plots of the decoding ablation.
+
+Conventions:
+- Metrics come from ir-measures over pytrec-eval-terrier (trec_eval semantics): Acc@1 = P@1
+  (share of queries whose top document is relevant), nDCG@1 (what the original code logged as its
+  "Acc@1"; smaller than P@1 on graded labels), nDCG@10 (linear gain, trec_eval `ndcg_cut`),
+  R@100 and MAP. Values are fractions in 0-1; tables print them x100 with one decimal.
+- Every query of the qrels counts: one missing from the run (or with no relevant label) scores 0.
+- Runs carry strictly decreasing scores (1/rank), so no tool has to break ties.
+- BM25 is bm25s's Lucene variant (k1=1.5, b=0.75) with English stopwords and the PyStemmer
+  English stemmer (what bm25s recommends); queries go without their instruction by default.
+"""
+import logging
+import time
+from collections.abc import Mapping
+
+import bm25s
+import ir_measures
+import numpy as np
+import scipy.sparse as sp
+import Stemmer
+from ir_measures import AP, P, R, nDCG
+from matplotlib.figure import Figure
+
+import mair_config
+from file_io import DataError, atomic_open
+
+log = logging.getLogger("metrics")
+
+# reported metric name -> ir-measures measure
+MEASURES = {"Acc@1": P@1, "nDCG@1": nDCG@1, "nDCG@10": nDCG@10, "R@100": R@100, "MAP": AP}
+TABLE_METRICS = ("Acc@1", "nDCG@10", "R@100")  # results.md: one table each, in this order
+BEIR_METRIC = "nDCG@10"                         # the paper's BEIR average
+
+BM25_K1, BM25_B = 1.5, 0.75   # bm25s defaults (Lucene variant)
+BM25_STOPWORDS = "en"
+BM25_STEMMER = "english"      # PyStemmer algorithm; None: no stemming
+BM25_BATCH_CELLS = 2 ** 25    # queries x documents scored per sparse product (bounds memory)
+
+N_EXAMPLES = 5                # unknown-label examples kept in a qrels report
+MISSING = "–"                 # table cell of a missing result
+
+
+# ----------------------------------------------------------------------------- qrels, runs, metrics
+
+def qrels_from_queries(queries, doc_ids=None, source=None):
+    """Qrels {qid: {doc_id: int score}} from MAIR query rows, and a report of data problems.
+
+    Labels with score <= 0 stay as judged non-relevant (as in trec_eval). If `doc_ids` (the corpus
+    ids) is given, labels naming documents missing from the corpus are counted and logged; they
+    stay in the qrels, so such queries count against recall and the report says how many.
+    Queries with empty text or no relevant label are kept and counted too.
+    """
+    source = source or "queries"
+    known = set(doc_ids) if doc_ids is not None else None
+    qrels, unknown_examples = {}, []
+    report = {"source": source, "queries": 0, "labels": 0, "empty_query": 0, "no_relevant": 0,
+              "unknown_labels": 0, "all_labels_unknown": 0, "unknown_examples": unknown_examples}
+    for i, row in enumerate(queries):
+        if "qid" not in row or "labels" not in row:
+            raise DataError(f"{source}: query row {i}: missing field 'qid' or 'labels'")
+        qid = str(row["qid"])
+        if qid in qrels:
+            raise DataError(f"{source}: duplicate qid '{qid}'")
+        rels = {}
+        for label in row["labels"]:
+            doc, score = str(label["id"]), int(label["score"])
+            rels[doc] = max(score, rels.get(doc, score))
+        qrels[qid] = rels
+        report["queries"] += 1
+        report["labels"] += len(rels)
+        report["empty_query"] += not str(row.get("query") or "").strip()
+        report["no_relevant"] += not any(s > 0 for s in rels.values())
+        if known is not None:
+            unknown = [d for d in rels if d not in known]
+            report["unknown_labels"] += len(unknown)
+            report["all_labels_unknown"] += bool(rels) and len(unknown) == len(rels)
+            unknown_examples.extend(f"{qid} -> {d}" for d in unknown[:N_EXAMPLES - len(unknown_examples)])
+    if report["unknown_labels"]:
+        log.warning("%s: %d of %d labels name documents missing from the corpus (%d queries have "
+                    "no known label); kept, they count as not retrieved. e.g. %s", source,
+                    report["unknown_labels"], report["labels"], report["all_labels_unknown"],
+                    ", ".join(unknown_examples))
+    if report["empty_query"]:
+        log.warning("%s: %d queries have empty text", source, report["empty_query"])
+    if report["no_relevant"]:
+        log.warning("%s: %d queries have no relevant label; they score 0", source, report["no_relevant"])
+    return qrels, report
+
+
+def run_from_rankings(rankings):
+    """{qid: [doc_id, ...]} in rank order -> run {qid: {doc_id: 1/rank}}; a repeated id keeps its first rank."""
+    run = {}
+    for qid, docs in rankings.items():
+        unique = dict.fromkeys(docs)
+        run[qid] = {doc: 1.0 / rank for rank, doc in enumerate(unique, 1)}
+    return run
+
+
+def evaluate(qrels, run):
+    """(aggregate {name: mean}, per_query {name: {qid: value}}) over every query of `qrels`.
+
+    A query missing from the run, or with an empty ranking, scores 0 on every metric; run queries
+    not in the qrels are ignored.
+    """
+    if not qrels:
+        raise ValueError("evaluate: empty qrels")
+    name_of = {measure: name for name, measure in MEASURES.items()}
+    per_query = {name: dict.fromkeys(qrels, 0.0) for name in MEASURES}
+    run = {qid: docs for qid, docs in run.items() if qid in qrels and docs}
+    for m in ir_measures.iter_calc(list(MEASURES.values()), qrels, run):
+        per_query[name_of[m.measure]][m.query_id] = float(m.value)
+    aggregate = {name: float(np.mean(list(values.values()))) for name, values in per_query.items()}
+    return aggregate, per_query
+
+
+def _check_token(value, what):
+    value = str(value)
+    if not value or any(c.isspace() for c in value):
+        raise ValueError(f"TREC run: {what} '{value}' is empty or contains whitespace")
+    return value
+
+
+def write_trec_run(run, path, tag):
+    """Atomically write `run` as a 6-column TREC run (qid Q0 doc rank score tag), ranks 1..n by score."""
+    tag = _check_token(tag, "tag")
+    with atomic_open(path) as f:
+        for qid, docs in run.items():
+            qid = _check_token(qid, "qid")
+            ranked = sorted(docs.items(), key=lambda item: -item[1])  # stable: ties keep run order
+            for rank, (doc, score) in enumerate(ranked, 1):
+                f.write(f"{qid} Q0 {_check_token(doc, 'doc id')} {rank} {float(score)!r} {tag}\n")
+
+
+def read_trec_run(path):
+    """A TREC run file -> {qid: {doc_id: score}}; a malformed line raises DataError naming path:line."""
+    run = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            try:
+                qid, _q0, doc, _rank, score, _tag = parts
+                run.setdefault(qid, {})[doc] = float(score)
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: expected 'qid Q0 doc rank score tag'") from None
+    return run
+
+
+# ----------------------------------------------------------------------------- BM25 baseline
+
+class BM25Index:
+    """A bm25s index of one corpus, built once; `search` scores texts in sparse batches.
+
+    `docs`: rows {"id", "doc"} or a mapping {doc_id: text}. bm25s builds the term x document
+    weights; retrieval multiplies a batch of query term counts by that matrix (the same scores as
+    bm25s's own per-query loop, several times faster) and keeps the top-k documents with a
+    positive score, ties broken by corpus order.
+    """
+
+    def __init__(self, docs, stemmer=BM25_STEMMER):
+        items = docs.items() if isinstance(docs, Mapping) else ((d["id"], d["doc"]) for d in docs)
+        ids, texts = [], []
+        for doc_id, text in items:
+            ids.append(str(doc_id))
+            texts.append(text or "")
+        if not ids:
+            raise ValueError("BM25Index: empty corpus")
+        t0 = time.time()
+        self.doc_ids = np.array(ids, dtype=object)
+        self.id_set = set(ids)
+        if len(self.id_set) < len(ids):
+            log.warning("BM25 index: %d duplicate doc ids", len(ids) - len(self.id_set))
+        self.stemmer = Stemmer.Stemmer(stemmer) if stemmer else None
+        self.bm25 = bm25s.BM25(k1=BM25_K1, b=BM25_B)
+        self.bm25.index(self._tokenize(texts, return_ids=True), show_progress=False)
+        s = self.bm25.scores
+        self.weights = sp.csr_matrix((s["data"], s["indices"], s["indptr"]),
+                                     shape=(len(s["indptr"]) - 1, s["num_docs"]))
+        log.info("BM25 index: %d docs, %d terms in %.1f s", len(ids), self.weights.shape[0], time.time() - t0)
+
+    def _tokenize(self, texts, return_ids):
+        return bm25s.tokenize(list(texts), stopwords=BM25_STOPWORDS, stemmer=self.stemmer,
+                              return_ids=return_ids, show_progress=False)
+
+    def __len__(self):
+        return len(self.doc_ids)
+
+    def search(self, texts, k=100):
+        """Top-min(k, N) doc ids per text, best first (only documents sharing a term with it)."""
+        if k < 1:
+            raise ValueError(f"BM25Index.search: k must be >= 1, got {k}")
+        t0, texts = time.time(), list(texts)
+        vocab = self.bm25.vocab_dict
+        rows, cols = [], []
+        for i, tokens in enumerate(self._tokenize(texts, return_ids=False)):
+            for tok in tokens:
+                if tok in vocab:
+                    rows.append(i)
+                    cols.append(vocab[tok])
+        n_texts, n_docs = len(texts), len(self)
+        counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                               shape=(n_texts, self.weights.shape[0]))
+        batch = max(1, BM25_BATCH_CELLS // n_docs)
+        out = []
+        for start in range(0, n_texts, batch):
+            scores = (counts[start:start + batch] @ self.weights).tocsr()
+            for i in range(scores.shape[0]):
+                lo, hi = scores.indptr[i], scores.indptr[i + 1]
+                out.append(self._top(scores.data[lo:hi], scores.indices[lo:hi], k))
+        log.info("BM25 search: %d texts x %d docs in %.1f s", n_texts, n_docs, time.time() - t0)
+        return out
+
+    def _top(self, values, indices, k):
+        positive = values > 0
+        values, indices = values[positive], indices[positive]
+        if len(values) > k:  # keep every doc tied with the k-th score, then order and cut
+            kth = np.partition(values, len(values) - k)[len(values) - k]
+            keep = values >= kth
+            values, indices = values[keep], indices[keep]
+        order = np.lexsort((indices, -values))[:k]
+        return self.doc_ids[indices[order]].tolist()
+
+
+def _index(docs, stemmer):
+    return docs if isinstance(docs, BM25Index) else BM25Index(docs, stemmer=stemmer)
+
+
+def bm25_search(docs, queries, k=100, with_instruction=False, stemmer=BM25_STEMMER):
+    """BM25 rankings {qid: [doc_id, ...]} (top-min(k, N)) for MAIR query rows.
+
+    `docs`: a BM25Index (reused; `stemmer` then ignored) or the corpus rows. The query text is
+    `query`, or `instruction + " " + query` with `with_instruction`.
+    """
+    index = _index(docs, stemmer)
+    queries = list(queries)
+    texts = [f"{q.get('instruction') or ''} {q['query']}".strip() if with_instruction else q["query"]
+             for q in queries]
+    return {str(q["qid"]): ranking for q, ranking in zip(queries, index.search(texts, k))}
+
+
+def bm25_negatives(docs, texts, positives, k=100, n=7, seed=0, stemmer=BM25_STEMMER):
+    """For each text, n distinct negative doc ids sampled from its BM25 top-k minus its positives.
+
+    `positives[i]`: the positive doc id of texts[i], or a collection of them. When the top-k holds
+    fewer than n candidates, random other documents fill up (fewer than n only if the corpus is
+    too small). `docs`: a BM25Index (reused) or the corpus rows.
+    """
+    index, texts, positives = _index(docs, stemmer), list(texts), list(positives)
+    if len(texts) != len(positives):
+        raise ValueError(f"bm25_negatives: {len(texts)} texts but {len(positives)} positives")
+    rng = np.random.default_rng(seed)
+    n_docs, short, out = len(index), 0, []
+    for ranking, pos in zip(index.search(texts, k), positives):
+        pos = {pos} if isinstance(pos, str) else set(map(str, pos))
+        cands = list(dict.fromkeys(d for d in ranking if d not in pos))
+        if len(cands) >= n:
+            out.append([cands[j] for j in rng.choice(len(cands), n, replace=False)])
+            continue
+        chosen, taken = list(cands), set(cands) | pos
+        want = min(n, len(index.id_set) - len(pos & index.id_set))
+        while len(chosen) < want:
+            doc = index.doc_ids[rng.integers(n_docs)]
+            if doc not in taken:
+                chosen.append(doc)
+                taken.add(doc)
+        short += len(chosen) < n
+        out.append(chosen)
+    if short:
+        log.warning("bm25_negatives: %d texts got fewer than %d negatives (corpus of %d docs)",
+                    short, n, n_docs)
+    return out
+
+
+# ----------------------------------------------------------------------------- result tables
+
+def _pct(value):
+    return MISSING if value is None else f"{100 * value:.1f}"
+
+
+def _mean_or_none(values):
+    return None if not values or any(v is None for v in values) else float(np.mean(values))
+
+
+def _md_row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+def results_table(results, task_domain, beir_tasks=(), metric="Acc@1", methods=None):
+    """Markdown table of `metric` x100: one row per method, one column per task, then per-domain
+    averages, "MAIR avg" (mean of the domain averages of the non-BEIR tasks) and "BEIR avg"
+    (nDCG@10 over the `beir_tasks` present).
+
+    `results`: {task: {method: aggregate dict}}; `task_domain`: {task: domain} (for non-BEIR tasks).
+    An average over a task a method lacks is left empty.
+    """
+    beir_set = set(beir_tasks)
+    beir = [t for t in results if t in beir_set]
+    mair = [t for t in results if t not in beir_set]
+    missing = [t for t in mair if t not in task_domain]
+    if missing:
+        raise KeyError(f"results_table: no domain for task(s) {missing}")
+    rank = {d: i for i, d in enumerate(mair_config.DOMAINS)}
+    domains = sorted(dict.fromkeys(task_domain[t] for t in mair), key=lambda d: rank.get(d, len(rank)))
+    by_domain = {d: [t for t in mair if task_domain[t] == d] for d in domains}
+    tasks = [t for d in domains for t in by_domain[d]] + beir
+    methods = list(methods or dict.fromkeys(m for t in results for m in results[t]))
+
+    def value(task, method, name):
+        return results[task].get(method, {}).get(name)
+
+    header = ["Method", *tasks, *(f"{d} avg" for d in domains)]
+    header += [f"MAIR avg ({metric})"] if mair else []
+    header += [f"BEIR avg ({BEIR_METRIC})"] if beir else []
+    lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
+    for method in methods:
+        domain_avgs = [_mean_or_none([value(t, method, metric) for t in by_domain[d]]) for d in domains]
+        cells = [value(t, method, metric) for t in tasks] + domain_avgs
+        cells += [_mean_or_none(domain_avgs)] if mair else []
+        cells += [_mean_or_none([value(t, method, BEIR_METRIC) for t in beir])] if beir else []
+        lines.append(_md_row([method] + [_pct(c) for c in cells]))
+    note = (f"{metric} x100. Domain avg: mean over the domain's tasks. MAIR avg: mean of the per-domain "
+            "averages, as the paper's main table averages per domain first (not a mean over tasks).")
+    if beir:
+        note += f" BEIR avg: mean {BEIR_METRIC} over {', '.join(beir)}."
+    return "\n".join(lines) + f"\n\n{note} {MISSING}: missing result.\n"
+
+
+def results_tables(results, task_domain, beir_tasks=(), metrics=TABLE_METRICS, methods=None):
+    """One `results_table` per metric under a `## <metric>` heading (Acc@1, nDCG@10, R@100 by default)."""
+    return "\n".join(f"## {metric}\n\n{results_table(results, task_domain, beir_tasks, metric, methods)}"
+                     for metric in metrics)
+
+
+# ----------------------------------------------------------------------------- ablation statistics
+
+STAT_CHUNK_CELLS = 2 ** 22    # resamples x queries drawn at once (bounds memory)
+TIE_TOL = 1e-12               # |mean difference| this close to the observed one counts as reaching it
+
+
+def bootstrap_ci(values, n_resamples=1000, alpha=0.05, seed=0):
+    """(mean, low, high): percentile bootstrap CI of the mean, resampling queries with replacement."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("bootstrap_ci: no values")
+    rng = np.random.default_rng(seed)
+    n, chunk = values.size, max(1, STAT_CHUNK_CELLS // values.size)
+    means = np.concatenate([values[rng.integers(0, n, size=(min(chunk, n_resamples - s), n))].mean(axis=1)
+                            for s in range(0, n_resamples, chunk)])
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(values.mean()), float(low), float(high)
+
+
+def _paired(a, b):
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        if set(a) != set(b):
+            raise ValueError(f"paired_test: the two methods cover different queries ({len(a)} vs {len(b)})")
+        keys = sorted(a)
+        a, b = [a[k] for k in keys], [b[k] for k in keys]
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired_test: need two equal-length, non-empty samples, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def paired_test(a, b, n_resamples=10000, seed=0):
+    """Two-sided p-value of a paired randomization (sign-flip) test of mean(a - b) = 0.
+
+    `a`, `b`: per-query values, as aligned sequences or {qid: value} over the same qids. Under the
+    null each query's difference is equally likely to have either sign; p is the share of random
+    sign assignments whose |mean difference| reaches the observed one, counting the observed
+    assignment: (1 + hits) / (1 + n_resamples). Identical inputs give p = 1.
+    """
+    a, b = _paired(a, b)
+    diff = a - b
+    observed = abs(diff.mean())
+    rng = np.random.default_rng(seed)
+    chunk, hits = max(1, STAT_CHUNK_CELLS // diff.size), 0
+    for start in range(0, n_resamples, chunk):
+        signs = rng.integers(0, 2, size=(min(chunk, n_resamples - start), diff.size)) * 2.0 - 1.0
+        hits += int(np.sum(np.abs(signs @ diff) / diff.size >= observed - TIE_TOL))
+    return (1 + hits) / (1 + n_resamples)
+
+
+def holm(p_values):
+    """Holm step-down adjusted p-values, in the order given."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.maximum.accumulate(np.minimum(1.0, (p.size - np.arange(p.size)) * p[order]))
+    out = np.empty_like(p)
+    out[order] = adjusted
+    return out
+
+
+def _aligned(per_query_by_method, metrics):
+    """(n_queries, {method: {metric: values}}) with every method and metric over the same qids."""
+    qids = None
+    for method, by_metric in per_query_by_method.items():
+        for metric in metrics:
+            if metric not in by_metric:
+                raise KeyError(f"ablation: method '{method}' has no per-query '{metric}'")
+            if qids is None:
+                qids = sorted(by_metric[metric])
+            elif set(by_metric[metric]) != set(qids):
+                raise ValueError(f"ablation: method '{method}' {metric} covers {len(by_metric[metric])} "
+                                 f"queries, not the same {len(qids)} as the others")
+    if not qids:
+        raise ValueError("ablation: no per-query values")
+    arrays = {m: {k: np.array([v[k][q] for q in qids], dtype=float) for k in metrics}
+              for m, v in per_query_by_method.items()}
+    return len(qids), arrays
+
+
+def _p_text(p):
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def ablation_table(per_query_by_method, reference="reverse_annealed", metrics=TABLE_METRICS, alpha=0.05,
+                   n_boot=1000, n_perm=10000, seed=0):
+    """Markdown table of a decoding ablation with CIs, paired tests against `reference` and a verdict.
+
+    `per_query_by_method`: {method: {metric: {qid: value}}}, all over the same queries. Each cell is
+    the mean with its 95% bootstrap CI (x100); each Δ cell is method - reference (x100) with the
+    Holm-adjusted p-value over all method x metric comparisons, `*` when below `alpha`. The closing
+    line says plainly whether anything differs significantly, so the table never ranks noise.
+    """
+    if reference not in per_query_by_method:
+        raise KeyError(f"ablation: reference method '{reference}' not in {list(per_query_by_method)}")
+    n_queries, arrays = _aligned(per_query_by_method, metrics)
+    methods = [reference] + [m for m in per_query_by_method if m != reference]
+    keys = [(m, k) for m in methods[1:] for k in metrics]
+    raw = [paired_test(arrays[m][k], arrays[reference][k], n_perm, seed) for m, k in keys]
+    p_holm = dict(zip(keys, holm(raw))) if keys else {}
+    diff = {(m, k): arrays[m][k].mean() - arrays[reference][k].mean() for m, k in keys}
+
+    header = ["Method", *metrics, *(f"Δ {k}" for k in metrics)]
+    lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
+    for m in methods:
+        cells = [f"{m} (ref)" if m == reference else m]
+        for k in metrics:
+            mean, low, high = bootstrap_ci(arrays[m][k], n_boot, 0.05, seed)
+            cells.append(f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
+        for k in metrics:
+            if m == reference:
+                cells.append("")
+            else:
+                star = "*" if p_holm[m, k] < alpha else ""
+                cells.append(f"{100 * diff[m, k]:+.1f} ({_p_text(p_holm[m, k])}){star}")
+        lines.append(_md_row(cells))
+
+    note = (f"Mean [95% percentile-bootstrap CI over queries, {n_boot} resamples] x100 on {n_queries} "
+            f"queries. Δ: method - {reference}; p: two-sided paired sign-flip randomization test on "
+            f"per-query differences ({n_perm} resamples), Holm-adjusted over {len(keys)} comparisons; "
+            f"*: p < {alpha}.")
+    significant = [key for key in keys if p_holm[key] < alpha]
+    if not keys:
+        verdict = f"Only {reference}: nothing to compare."
+    elif not significant:
+        verdict = (f"No method differs significantly from {reference} at alpha={alpha} (Holm) on "
+                   f"{n_queries} queries: the differences are within noise.")
+    else:
+        found = "; ".join(f"{m} on {k} ({100 * diff[m, k]:+.1f}, {_p_text(p_holm[m, k])})"
+                          for m, k in significant)
+        verdict = (f"Significant differences from {reference} at alpha={alpha} (Holm) on {n_queries} "
+                   f"queries: {found}.")
+        if len(significant) < len(keys):
+            verdict += " All other differences are within noise."
+    return "\n".join(lines) + f"\n\n{note}\n\n{verdict}\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+PLOT_DPI = 120
+
+
+def _save(fig, path):
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=PLOT_DPI, bbox_inches="tight")
+    log.info("plot -> %s", path)
+
+
+def plot_ablation(per_query_by_method, path, metrics=TABLE_METRICS, n_boot=1000, seed=0):
+    """Grouped bar chart (PNG): one group per metric, one bar per method, 95% bootstrap CI error bars."""
+    n_queries, arrays = _aligned(per_query_by_method, metrics)
+    methods = list(per_query_by_method)
+    fig = Figure(figsize=(1.6 + 1.2 * len(metrics) * max(1, len(methods) / 2), 3.6))
+    ax = fig.subplots()
+    width = 0.8 / len(methods)
+    x = np.arange(len(metrics))
+    for i, m in enumerate(methods):
+        stats = np.array([bootstrap_ci(arrays[m][k], n_boot, 0.05, seed) for k in metrics]) * 100
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, stats[:, 0], width, label=m,
+               yerr=[stats[:, 0] - stats[:, 1], stats[:, 2] - stats[:, 0]], capsize=3)
+    ax.set_xticks(x, list(metrics))
+    ax.set_ylabel("score x100")
+    ax.set_title(f"Decoding ablation: mean and 95% bootstrap CI over {n_queries} queries", fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_schedule(temperatures, path):
+    """Line plot (PNG) of a decoding temperature schedule: temperature per iteration (DocID rank)."""
+    temperatures = list(temperatures)
+    if not temperatures:
+        raise ValueError("plot_schedule: no temperatures")
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    ax.plot(range(len(temperatures)), temperatures, marker=".", markersize=3)
+    ax.set_xlabel("iteration i (rank of the decoded DocID)")
+    ax.set_ylabel("temperature $t_i$")
+    ax.set_title("Reverse-annealed temperature schedule", fontsize=9)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
