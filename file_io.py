@@ -123,6 +123,15 @@ def require_fields(row, fields, file, lineno):
             raise DataError(f"{file}:{lineno}: missing field '{field}'")
 
 
+def read_rows(file, fields):
+    """Rows of a JSONL file, each checked to have `fields` (DataError naming file:line otherwise)."""
+    rows = []
+    for lineno, row in enumerate(iter_jsonl(file), 1):
+        require_fields(row, fields, file, lineno)
+        rows.append(row)
+    return rows
+
+
 def mp(func, data, processes=None):
     """Order-preserving parallel map of `func` over `data` (runs inline when processes <= 1)."""
     data = list(data)

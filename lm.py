@@ -1,0 +1,423 @@
+"""Shared LM plumbing for every script: model loading, chat encoding with the loss masked on the
+prompt, collation, the SFT loop on `accelerate`, and the two generation backends (vLLM, transformers).
+
+GPU-only accelerations are chosen at run time: bf16 + FlashAttention-2 + Liger kernels when CUDA is
+present and the package imports; float32 + SDPA otherwise. Nothing here knows a model family.
+"""
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+log = logging.getLogger("lm")
+
+IGNORE_INDEX = -100
+# Tokens some chat models keep for padding; used when a tokenizer has no pad token of its own.
+PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]"]
+
+
+def has_package(name):
+    return importlib.util.find_spec(name) is not None
+
+
+def cuda_available():
+    return torch.cuda.is_available()
+
+
+def attention_implementation():
+    if cuda_available() and has_package("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{path}: the tokenizer has no chat template (use an instruct / chat checkpoint)")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no end token (eos_token)")
+    if tokenizer.pad_token_id is None:
+        vocab = tokenizer.get_vocab()
+        pad = next((t for t in PAD_CANDIDATES if t in vocab), None)
+        tokenizer.pad_token = pad or tokenizer.eos_token
+        log.info("%s: no pad token; using %s", path, tokenizer.pad_token)
+    return tokenizer
+
+
+def load_model(path, device=None, dtype=None):
+    """(model, tokenizer): bf16 + FlashAttention-2 + Liger on CUDA where installed, float32 + SDPA on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path)
+    on_cuda = cuda_available() if device is None else str(device).startswith("cuda")
+    dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
+    kwargs = {"dtype": dtype, "attn_implementation": attention_implementation() if on_cuda else "sdpa"}
+    if on_cuda and has_package("liger_kernel"):
+        from liger_kernel.transformers import AutoLigerKernelForCausalLM
+        model = AutoLigerKernelForCausalLM.from_pretrained(path, **kwargs)
+        kernels = "Liger"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        kernels = "plain"
+    if device is not None:
+        model.to(device)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    log.info("loaded %s (%s, %s attention, %s kernels, %.1f M parameters)", path, str(dtype).replace("torch.", ""),
+             kwargs["attn_implementation"], kernels, sum(p.numel() for p in model.parameters()) / 1e6)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+def truncate_words(text, n):
+    return " ".join(text.split()[:n])
+
+
+def truncate_tokens(tokenizer, text, n):
+    """`text` cut to its first `n` tokens (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= n else tokenizer.decode(ids[:n])
+
+
+def chat_prompt_ids(tokenizer, prompt):
+    """Token ids of a one-turn user prompt followed by the assistant header (generation prompt)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)
+
+
+def encode_example(tokenizer, prompt, answer, max_len):
+    """{"input_ids", "labels"} of a (prompt, answer) chat; labels are IGNORE_INDEX on the prompt."""
+    prompt_ids = chat_prompt_ids(tokenizer, prompt)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                                         tokenize=True, return_dict=False)
+    start = len(prompt_ids)
+    if full[:start] != prompt_ids:  # templates that render the last turn differently: longest common prefix
+        start = next((i for i, (a, b) in enumerate(zip(full, prompt_ids)) if a != b), min(len(full), start))
+    full = full[:max_len]
+    labels = [IGNORE_INDEX] * min(start, len(full)) + full[start:]
+    return {"input_ids": full, "labels": labels}
+
+
+def collate(examples, pad_id):
+    """Right-padded batch of encoded examples."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+class SFTModule(torch.nn.Module):
+    """The model plus its training loss in one forward, so DDP sees every parameter use.
+
+    The LM head runs only at the positions that carry a label (the answer tokens): on long prompts
+    with short answers this is most of the training cost saved. `extra_loss(lm, extra)` adds an
+    auxiliary loss (the retriever's ranking loss) on steps whose batch has an "extra" entry.
+    """
+
+    def __init__(self, lm, extra_loss=None):
+        super().__init__()
+        self.lm = lm
+        self.extra_loss = extra_loss
+
+    def forward(self, input_ids, attention_mask, labels, extra=None):
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        loss = F.cross_entropy(logits, targets[keep])
+        if extra is not None:
+            loss = loss + self.extra_loss(self.lm, extra)
+        return loss
+
+
+def _checkpoints(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    done = [d for d in os.listdir(out_dir)
+            if d.startswith("checkpoint-epoch") and os.path.exists(os.path.join(out_dir, d, "trainer_state.json"))]
+    return sorted(done, key=lambda d: int(d[len("checkpoint-epoch"):]))
+
+
+def last_checkpoint(out_dir):
+    """Path of the newest complete epoch checkpoint under `out_dir`, or None."""
+    done = _checkpoints(out_dir)
+    return os.path.join(out_dir, done[-1]) if done else None
+
+
+def training_done(out_dir):
+    return os.path.exists(os.path.join(out_dir, "training_complete.json"))
+
+
+def _save_dir_atomically(out_dir, name, save_fn):
+    """Write a directory with `save_fn(tmp_dir)`, then rename it into place."""
+    final = os.path.join(out_dir, name)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_fn(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _wandb_run(cfg, out_dir):
+    mode = str(cfg.get("wandb") or os.environ.get("WANDB_MODE") or "disabled").lower()
+    if mode in ("0", "false", "disabled", "off", "none") or not has_package("wandb"):
+        return None
+    import wandb
+    return wandb.init(project=cfg.get("wandb_project", "zerogr"), name=os.path.basename(out_dir.rstrip("/")),
+                      mode="online" if mode in ("1", "true", "online") else mode, config=cfg, dir=out_dir)
+
+
+def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_batches=None,
+              resume_from=None, desc="sft"):
+    """Fine-tune `model` on encoded `examples` with AdamW, constant LR after warmup, grad clip,
+    gradient accumulation; a checkpoint (model + tokenizer + optimizer state) per epoch; resume.
+
+    cfg keys: lr, epochs, batch_size, grad_accum, warmup_steps (int) or warmup_ratio (fraction of
+    an epoch), grad_clip, seed, log_every, wandb, wandb_project. `extra_batches(step)` returns the
+    auxiliary batch (or None) for a step; `extra_loss(lm, batch)` scores it.
+    Returns a summary dict (losses per epoch, steps, seconds, num_processes).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_constant_schedule_with_warmup
+
+    accelerator = Accelerator(cpu=not cuda_available(), gradient_accumulation_steps=cfg.get("grad_accum", 1))
+    set_seed(cfg.get("seed", 0))
+    main = accelerator.is_main_process
+    if not examples:
+        raise ValueError(f"{desc}: no training examples")
+    generator = torch.Generator().manual_seed(cfg.get("seed", 0))
+    loader = torch.utils.data.DataLoader(examples, batch_size=cfg["batch_size"], shuffle=True, generator=generator,
+                                         collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+    module = SFTModule(model, extra_loss)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / cfg.get("grad_accum", 1))
+    warmup = cfg.get("warmup_steps")
+    if warmup is None:
+        warmup = int(cfg.get("warmup_ratio", 0.0) * steps_per_epoch)
+    scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+
+    start_epoch, global_step, history = 0, 0, []
+    resume_from = resume_from or last_checkpoint(out_dir)
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "optimizer.pt"), map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        meta = json.load(open(os.path.join(resume_from, "trainer_state.json")))
+        start_epoch, global_step, history = meta["epoch"], meta["global_step"], meta["history"]
+        if main:
+            log.info("%s: resuming from %s (epoch %d done, step %d)", desc, resume_from, start_epoch, global_step)
+
+    wandb_run = _wandb_run(cfg, out_dir) if main else None
+    if main:
+        log.info("%s: %d examples, %d processes, %d optimizer steps/epoch, %d epochs, warmup %d -> %s",
+                 desc, len(examples), accelerator.num_processes, steps_per_epoch, cfg["epochs"], warmup, out_dir)
+    started = time.time()
+    for epoch in range(start_epoch, cfg["epochs"]):
+        module.train()
+        running, total, count = None, 0.0, 0
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg['epochs']}", disable=not main, dynamic_ncols=True)
+        for i, batch in enumerate(bar):
+            extra = extra_batches(global_step) if extra_batches is not None else None
+            with accelerator.accumulate(module):
+                loss = module(**batch, extra=extra)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(module.parameters(), cfg.get("grad_clip", 1.0))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                scheduler.step()
+                global_step += 1
+            value = loss.item()
+            total, count = total + value, count + 1
+            running = value if running is None else 0.98 * running + 0.02 * value
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if wandb_run and global_step % cfg.get("log_every", 10) == 0 and accelerator.sync_gradients:
+                wandb_run.log({"loss": value, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, step=global_step)
+        mean_loss = accelerator.gather(torch.tensor([total / max(count, 1)], device=accelerator.device)).mean().item()
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "steps": global_step,
+                        "seconds": round(time.time() - started, 1)})
+        accelerator.wait_for_everyone()
+        if main:
+            _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, out_dir, epoch + 1, global_step,
+                             history, cfg)
+            log.info("%s: epoch %d mean loss %.4f", desc, epoch + 1, mean_loss)
+        accelerator.wait_for_everyone()
+
+    summary = {"history": history, "global_step": global_step, "num_processes": accelerator.num_processes,
+               "seconds": round(time.time() - started, 1)}
+    if main:
+        unwrapped = accelerator.unwrap_model(module).lm
+        unwrapped.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        with open(os.path.join(out_dir, "training_complete.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if wandb_run:
+            import wandb
+            table = wandb.Table(columns=["epoch", "loss", "steps", "seconds"],
+                                data=[[h["epoch"], h["loss"], h["steps"], h["seconds"]] for h in history])
+            wandb_run.log({"epochs": table})
+            wandb_run.finish()
+        log.info("%s: done, model saved to %s", desc, out_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, out_dir, epoch, global_step, history, cfg):
+    lm = accelerator.unwrap_model(module).lm
+
+    def save(path):
+        lm.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   os.path.join(path, "optimizer.pt"))
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump({"epoch": epoch, "global_step": global_step, "history": history,
+                       "num_processes": accelerator.num_processes}, f, indent=2)
+
+    path = _save_dir_atomically(out_dir, f"checkpoint-epoch{epoch}", save)
+    for older in _checkpoints(out_dir)[:-1]:  # optimizer state is only needed to resume from the newest
+        stale = os.path.join(out_dir, older, "optimizer.pt")
+        if os.path.exists(stale):
+            os.remove(stale)
+    log.info("checkpoint: %s", path)
+
+
+def load_for_training(base_path, out_dir):
+    """Model and tokenizer to train: the newest checkpoint in `out_dir` if any, else `base_path`."""
+    resume = last_checkpoint(out_dir)
+    return (*load_model(resume or base_path), resume)
+
+
+def sft_config(C):
+    """The train_sft settings from a script's constants."""
+    keys = ("lr", "epochs", "batch_size", "grad_accum", "warmup_steps", "warmup_ratio", "grad_clip", "seed",
+            "log_every", "wandb", "wandb_project", "weight_decay")
+    return {k: C[k.upper()] for k in keys if k.upper() in C}
+
+
+def load_or_build_rows(path, fields, build, max_rows=None):
+    """Validated rows of an SFT data file; built with `build()` (and saved by rank 0) when missing."""
+    from config import env_rank
+    from file_io import read_rows, write_jsonl
+
+    if os.path.exists(path):
+        rows = read_rows(path, fields)
+    else:
+        rows = build()
+        if not rows:
+            raise SystemExit(f"no SFT data: {path} is missing and no training task gave examples")
+        if env_rank() == 0:
+            write_jsonl(rows, path)
+            log.info("built %d SFT examples -> %s", len(rows), path)
+    return rows[:max_rows] if max_rows else rows
+
+
+def run_sft(C, encode_examples, desc):
+    """Train C["BASE_MODEL"] into C["OUT_DIR"] on `encode_examples(tokenizer)`, resuming, unless already done."""
+    if training_done(C["OUT_DIR"]):
+        log.info("%s: %s is already trained (training_complete.json); delete it to retrain", desc, C["OUT_DIR"])
+        return None
+    model, tokenizer, resume = load_for_training(C["BASE_MODEL"], C["OUT_DIR"])
+    examples = encode_examples(tokenizer)
+    return train_sft(model, tokenizer, examples, C["OUT_DIR"], sft_config(C), resume_from=resume, desc=desc)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+class HFGenerator:
+    """Batched sampling with transformers `generate` (the CPU / no-vLLM backend)."""
+
+    name = "transformers"
+
+    def __init__(self, model_path, batch_size=32, seed=0):
+        self.model, self.tokenizer = load_model(model_path, device="cuda" if cuda_available() else "cpu")
+        self.model.eval()
+        self.batch_size, self.seed = batch_size, seed
+
+    @torch.no_grad()
+    def generate(self, prompts, n=1, temperature=1.0, max_tokens=64, top_p=1.0, top_k=0, desc="generate"):
+        """For each prompt (a list of token ids), `n` sampled completions as text."""
+        from transformers import GenerationConfig
+
+        torch.manual_seed(self.seed)
+        # A static (preallocated) KV cache: the default dynamic one re-copies the cache at every step.
+        config = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                                  top_p=top_p, top_k=top_k, max_new_tokens=max_tokens, num_return_sequences=n,
+                                  pad_token_id=self.tokenizer.pad_token_id, cache_implementation="static",
+                                  eos_token_id=self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outputs = [None] * len(prompts)
+        pad = self.tokenizer.pad_token_id
+        device = self.model.device
+        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, dynamic_ncols=True):
+            idx = order[start:start + self.batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(idx):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      generation_config=config)
+            texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            for row, i in enumerate(idx):
+                outputs[i] = [t.strip() for t in texts[row * n:(row + 1) * n]]
+        return outputs
+
+
+class VLLMGenerator:
+    """Sampling with vLLM (GPU nodes): one engine per process, prompts passed as token ids."""
+
+    name = "vllm"
+
+    def __init__(self, model_path, seed=0, gpu_memory_utilization=0.8, max_model_len=1024):
+        import vllm
+
+        self.vllm = vllm
+        self.llm = vllm.LLM(model=model_path, dtype="bfloat16", seed=seed, max_model_len=max_model_len,
+                            gpu_memory_utilization=gpu_memory_utilization)
+
+    def generate(self, prompts, n=1, temperature=1.0, max_tokens=64, top_p=1.0, top_k=0, desc="generate"):
+        params = {"n": n, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p}
+        if top_k > 0:
+            params["top_k"] = top_k
+        sampling = self.vllm.SamplingParams(**params)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling)
+        return [[o.text.strip() for o in out.outputs] for out in outputs]
+
+
+def make_generator(model_path, backend="auto", batch_size=32, seed=0, gpu_memory_utilization=0.8):
+    """vLLM when it imports and a GPU is present (or when asked for), else transformers."""
+    if backend == "auto":
+        backend = "vllm" if cuda_available() and has_package("vllm") else "transformers"
+    if backend == "vllm":
+        gen = VLLMGenerator(model_path, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
+    elif backend == "transformers":
+        gen = HFGenerator(model_path, batch_size=batch_size, seed=seed)
+    else:
+        raise ValueError(f"unknown generation backend '{backend}' (auto, vllm, transformers)")
+    log.info("generation backend: %s", gen.name)
+    return gen

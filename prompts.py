@@ -1,0 +1,33 @@
+"""Every prompt of the pipeline, in one place: each SFT script and its generation script use the same text.
+
+Wording is this project's own; the content follows the paper (PAPER.md 1.2, 1.3, 1.4).
+"""
+
+GENERIC_INSTRUCTION = "Retrieve the documents that are relevant to the given query."
+
+
+def query_generation_prompt(instruction, doc):
+    """Query generator (sftqg.py, qg_vllm.py): write a query for `doc` under a task instruction."""
+    return ("You turn documents into search queries.\n"
+            f"Retrieval task: {instruction}\n\n"
+            "Write one search query, for this task, that the following document answers:\n\n"
+            f"{doc}")
+
+
+DOCID_RULES = """Write a short identifier phrase (a DocID) for the document below, following these rules:
+1. Length: 6 to 8 words.
+2. Take 3 to 5 core terms directly from the document.
+3. Order the terms by importance, from general to specific.
+4. Use lowercase letters, digits and spaces only, but keep special terms as written (for example pd3.1).
+5. No articles, no linking or auxiliary verbs, no verbs at all: nouns and adjectives only.
+6. Every term must come from the document; the phrase should single this document out."""
+
+
+def docid_prompt(doc, rules=DOCID_RULES):
+    """DocID generator (sftid.py, title_vllm.py): the format rules, then the document."""
+    return f"{rules}\n\nDocument:\n{doc}"
+
+
+def retrieval_prompt(instruction, query):
+    """Generative retriever (genir.py): the task instruction, a newline, the query."""
+    return f"{instruction}\n{query}" if instruction else query
