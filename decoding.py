@@ -229,6 +229,8 @@ def _sample_rounds(model, trie, prompts, temperatures, top_k, top_p, draws, gene
             keep &= first[inverse] == rows
         position = n_found[row_query] + keep.view(n_queries, draws).cumsum(1).view(-1) - 1
         keep &= position < n_draws
+        if not bool(keep.any()):  # a live query always reaches a new leaf; never loop forever
+            raise RuntimeError("constrained decoding made no progress (inconsistent prefix tree)")
         found[row_query[keep], position[keep]] = leaf[keep]
         n_found += keep.view(n_queries, draws).sum(1)
         removals.add(row_query[keep], leaf[keep])
