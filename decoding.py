@@ -56,50 +56,22 @@ def _argmax_only(scores):
     return torch.full_like(scores, float("-inf")).scatter_(1, best, scores.gather(1, best))
 
 
-class TrieLogitsProcessor(LogitsProcessor):
-    """Masks each row to its trie's allowed next tokens, then applies per-row sampling settings.
+class RowWarper:
+    """Per-row sampling settings applied to float logits (rows, vocab): temperature (0 = greedy:
+    only the argmax keeps a finite logit), then top-k (0 = off), then top-p (1 = off). Each setting
+    is a scalar or one value per row (transformers' warpers take one scalar and refuse 0)."""
 
-    Per row: temperature (0 = greedy: only the argmax keeps a finite logit), top-k (0 = off) and
-    top-p (1 = off), applied in that order after the mask; each may be a scalar or one value per row.
-    With `removals`, `row_query` names each row's query and the leaves that query has already
-    decoded are masked. Steps cost a few tensor operations whatever the number of rows.
-
-    With transformers `generate`: left-pad the prompts to `prompt_len`, pass
-    `logits_processor=LogitsProcessorList([processor])` and either `do_sample=False` (greedy) or
-    `do_sample=True, temperature=1.0, top_k=0, top_p=1.0` so that its own warpers are no-ops.
-    Each call re-walks the generated suffix from the root, so reordered beams and finished rows
-    (padded after the end token) are handled. `decode` calls `process` with the nodes it tracks.
-    """
-
-    supports_continuous_batching = False
-
-    def __init__(self, trie, prompt_len=0, temperature=0.0, top_k=0, top_p=1.0, removals=None, row_query=None):
-        self.trie, self.prompt_len, self.removals = trie, prompt_len, removals
-        self.set_rows(temperature, top_k, top_p, row_query)
-
-    def set_rows(self, temperature, top_k=0, top_p=1.0, row_query=None):
-        """Set the per-row (or shared) sampling settings and the query of each row."""
-        device = self.trie.device
+    def __init__(self, temperature=0.0, top_k=0, top_p=1.0, device="cpu"):
         self.temperature = torch.as_tensor(temperature, dtype=torch.float32, device=device).reshape(-1, 1)
         self.top_k = torch.as_tensor(top_k, dtype=torch.long, device=device).reshape(-1, 1)
         self.top_p = torch.as_tensor(top_p, dtype=torch.float32, device=device).reshape(-1, 1)
-        self.row_query = None if row_query is None else torch.as_tensor(row_query, dtype=torch.long, device=device)
         greedy = self.temperature <= 0
         self.all_greedy, self.any_greedy = bool(greedy.all()), bool(greedy.any())
         top_k_on = self.top_k > 0
         self.k_max = int(self.top_k.max()) if bool(top_k_on.all()) else None  # None: a row keeps every token
         self.filtered = bool(top_k_on.any()) or bool((self.top_p < 1).any())
 
-    def __call__(self, input_ids, scores):
-        nodes = self.trie.walk(input_ids[:, self.prompt_len:].to(self.trie.device))
-        return self.process(scores, nodes)
-
-    def process(self, scores, nodes):
-        """Mask and warp float logits (rows, vocab) of rows standing at trie `nodes`."""
-        allowed = self.trie.allowed_mask(nodes, self.row_query, self.removals)
-        return self.warp(scores.masked_fill(~allowed, float("-inf")))
-
-    def warp(self, scores):
+    def __call__(self, scores):
         if self.all_greedy:
             return _argmax_only(scores)
         t = self.temperature
@@ -117,6 +89,42 @@ class TrieLogitsProcessor(LogitsProcessor):
         if self.any_greedy:
             out = torch.where(t > 0, out, _argmax_only(scores))
         return out
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Masks each row to its trie's allowed next tokens, then applies per-row sampling settings
+    (a `RowWarper`: temperature, 0 = greedy, then top-k and top-p; scalars or one value per row).
+
+    With `removals`, `row_query` names each row's query and the leaves that query has already
+    decoded are masked. A step costs a few tensor operations whatever the number of rows.
+
+    With transformers `generate`: left-pad the prompts to `prompt_len`, pass
+    `logits_processor=LogitsProcessorList([processor])` and either `do_sample=False` (greedy) or
+    `do_sample=True, temperature=1.0, top_k=0, top_p=1.0` so that its own warpers are no-ops.
+    Each call re-walks the generated suffix from the root, so reordered beams and finished rows
+    (padded after the end token) are handled. `decode` calls `process` with the nodes it tracks.
+    """
+
+    supports_continuous_batching = False
+
+    def __init__(self, trie, prompt_len=0, temperature=0.0, top_k=0, top_p=1.0, removals=None, row_query=None):
+        self.trie, self.prompt_len, self.removals = trie, prompt_len, removals
+        self.set_rows(temperature, top_k, top_p, row_query)
+
+    def set_rows(self, temperature, top_k=0, top_p=1.0, row_query=None):
+        """Set the per-row (or shared) sampling settings and the query of each row."""
+        self.warper = RowWarper(temperature, top_k, top_p, self.trie.device)
+        self.row_query = None if row_query is None else torch.as_tensor(row_query, dtype=torch.long,
+                                                                        device=self.trie.device)
+
+    def __call__(self, input_ids, scores):
+        nodes = self.trie.walk(input_ids[:, self.prompt_len:].to(self.trie.device))
+        return self.process(scores, nodes)
+
+    def process(self, scores, nodes):
+        """Mask and warp float logits (rows, vocab) of rows standing at trie `nodes`."""
+        allowed = self.trie.allowed_mask(nodes, self.row_query, self.removals)
+        return self.warper(scores.masked_fill(~allowed, float("-inf")))
 
 
 def sample_tokens(scores, generator=None, greedy=False):
@@ -213,7 +221,7 @@ def _sample_rounds(model, trie, prompts, temperatures, top_k, top_p, draws, gene
         finished = ~active
         logits = batch.first_logits
         for _ in range(trie.max_depth):
-            tokens = sample_tokens(processor.process(logits, nodes), generator, processor.all_greedy)
+            tokens = sample_tokens(processor.process(logits, nodes), generator, processor.warper.all_greedy)
             nodes = torch.where(finished, nodes, trie.advance(nodes, tokens))
             finished |= trie.is_leaf(nodes)
             if bool(finished.all()):

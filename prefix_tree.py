@@ -48,6 +48,110 @@ def _names(doc_ids, index, limit=5):
     return shown + (f" and {len(index) - limit} more" if len(index) > limit else "")
 
 
+def _rank_ids(id_array):
+    """Rank of each document id in sorted order; a duplicate id is an error naming it."""
+    order = np.argsort(id_array, kind="stable")
+    sorted_ids = id_array[order]
+    dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+    if dup.size:
+        raise ValueError(f"duplicate document id {sorted_ids[dup[0]]!r} ({dup.size} duplicate(s) in all)")
+    rank = np.empty(len(id_array), np.int64)
+    rank[order] = np.arange(len(id_array))
+    return rank
+
+
+class _Columns:
+    """Column access to CSR DocIDs: token c of each DocID, the end token right after it, -1 past it.
+
+    Reading columns from the flat token array means no (DocIDs x length) matrix is materialised."""
+
+    def __init__(self, tokens, starts, kept, end_id):
+        self.tokens, self.starts, self.kept, self.end_id = tokens, starts, kept, end_id
+        self.width = int(kept.max()) + 1
+        self.key_base = max(int(tokens.max()) if tokens.size else 0, end_id) + 1
+
+    def __call__(self, rows, c):
+        length = self.kept[rows]
+        out = self.tokens[self.starts[rows] + np.minimum(c, length - 1)].astype(np.int64)
+        out[c == length] = self.end_id
+        out[c > length] = -1
+        return out
+
+
+def _lexsort(columns, doc_rank):
+    """Order of the DocIDs sorted by token sequence, then by document id (several tokens per key)."""
+    n = len(doc_rank)
+    bits = columns.key_base.bit_length()
+    per_word = 63 // bits
+    everyone = np.arange(n)
+    words = []
+    for first in range(0, columns.width, per_word):
+        word = np.zeros(n, np.int64)
+        for c in range(first, min(first + per_word, columns.width)):
+            word <<= bits
+            word |= columns(everyone, c) + 1
+        words.append(word)
+    return np.lexsort([doc_rank] + words[::-1])  # the last key is the primary one
+
+
+def _shortest_unique_prefixes(columns, perm):
+    """First sorted row of each distinct sequence, and its kept length: one token past the
+    longest prefix it shares with a sorted neighbour (that is, with any other sequence)."""
+    width = columns.width
+    first_diff = np.full(len(perm) - 1, width, np.int64)
+    for c in range(width):
+        col = columns(perm, c)
+        first_diff[(first_diff == width) & (col[1:] != col[:-1])] = c
+    rep = np.flatnonzero(np.concatenate([[True], first_diff < width]))
+    shared = first_diff[rep[1:] - 1]
+    need = np.zeros(rep.size, np.int64)
+    need[1:] = shared
+    need[:-1] = np.maximum(need[:-1], shared)
+    return rep, need + 1
+
+
+def _levels(columns, rep_doc, keep_len, path_len):
+    """Breadth-first nodes of the shortened paths; sorted paths give non-decreasing
+    (parent, token) keys at every depth, so new nodes are where the key changes."""
+    parents, tokens, level_start = [np.array([-1])], [np.array([-1])], [0, 1]
+    node_of_path = np.zeros(len(rep_doc), np.int64)
+    n_nodes = 1
+    for depth in range(int(path_len.max())):
+        idx = np.flatnonzero(path_len > depth)
+        tok = np.where(depth < keep_len[idx], columns(rep_doc[idx], depth), columns.end_id)
+        key = node_of_path[idx] * columns.key_base + tok
+        new = np.empty(idx.size, bool)
+        new[0] = True
+        np.not_equal(key[1:], key[:-1], out=new[1:])
+        parents.append(node_of_path[idx][new].astype(np.int32))
+        tokens.append(tok[new].astype(np.int32))
+        node_of_path[idx] = n_nodes + np.cumsum(new) - 1
+        n_nodes += int(new.sum())
+        level_start.append(n_nodes)
+    return np.concatenate(parents), np.concatenate(tokens), node_of_path, level_start
+
+
+def _leaf_counts(parent, leaf_node, level_start):
+    """Leaves below each node, summed from the deepest level up."""
+    count = np.zeros(len(parent), np.int64)
+    count[leaf_node] = 1
+    for d in range(len(level_start) - 2, 0, -1):
+        s, e, ps = level_start[d], level_start[d + 1], level_start[d - 1]
+        count[ps:s] += np.bincount(parent[s:e] - ps, weights=count[s:e], minlength=s - ps).astype(np.int64)
+    return count
+
+
+def _pack_strings(strings):
+    """(ptr, UTF-8 bytes) of a sequence of strings, joined through one encode call."""
+    data = np.frombuffer("\x00".join(strings).encode("utf-8"), np.uint8)
+    sep = np.flatnonzero(data == 0)
+    if sep.size != len(strings) - 1:
+        raise ValueError("document ids must not contain NUL characters")
+    ptr = np.concatenate([[0], sep + 1, [data.size + 1]])
+    ptr -= np.arange(len(strings) + 1)  # each string starts after the separators before it
+    return ptr, np.delete(data, sep)
+
+
 class PrefixTree:
     """Static DocID trie in flat arrays; build with `build`, `from_token_ids` or `load`."""
 
@@ -115,124 +219,50 @@ class PrefixTree:
             if not skip_empty:
                 raise ValueError(f"{empty.size} empty DocID(s): {_names(doc_ids, empty)}")
             log.warning("skipped %d documents with an empty DocID: %s", empty.size, _names(doc_ids, empty))
-            keep = lengths > 0
-            doc_ids = [doc_ids[i] for i in np.flatnonzero(keep)]
-            starts, lengths, n = starts[keep], lengths[keep], int(keep.sum())
+            keep = np.flatnonzero(lengths > 0)
+            doc_ids = [doc_ids[i] for i in keep]
+            starts, lengths, n = starts[keep], lengths[keep], keep.size
             stats["skipped_empty"] = int(empty.size)
             if n == 0:
                 raise ValueError("every DocID is empty")
-
         id_array = np.array(doc_ids, dtype=object)
-        id_order = np.argsort(id_array, kind="stable")
-        sorted_ids = id_array[id_order]
-        dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
-        if dup.size:
-            raise ValueError(f"duplicate document id {sorted_ids[dup[0]]!r} ({dup.size} duplicate(s) in all)")
-        doc_rank = np.empty(n, np.int64)
-        doc_rank[id_order] = np.arange(n)
-        del sorted_ids, id_order
-
+        del doc_ids
+        doc_rank = _rank_ids(id_array)
         cut = lengths > max_tokens
         stats["cut"] = int(cut.sum())
         if stats["cut"]:
             log.warning("%d DocIDs longer than %d tokens were cut to that length (e.g. %s)",
-                        stats["cut"], max_tokens, _names(doc_ids, np.flatnonzero(cut), 3))
-        kept = np.minimum(lengths, max_tokens)
-        width = int(kept.max()) + 1
-        seqs = np.full((n, width), -1, np.int32)
-        for c in range(width - 1):
-            rows = np.flatnonzero(kept > c)
-            seqs[rows, c] = tokens[starts[rows] + c]
-        seqs[np.arange(n), kept] = end_id
-        key_base = max(int(seqs.max()), end_id) + 1
-
-        # Sort the sequences lexicographically (ties by document id), several tokens packed per key.
-        bits = key_base.bit_length()
-        per_word = 63 // bits
-        keys = [doc_rank]
-        for first in range(0, width, per_word):
-            word = np.zeros(n, np.int64)
-            for c in range(first, min(first + per_word, width)):
-                word = (word << bits) | (seqs[:, c].astype(np.int64) + 1)
-            keys.append(word)
-        perm = np.lexsort([keys[0]] + keys[1:][::-1])  # the last key is the primary one
-        del keys
-        seqs = seqs[perm]
-
-        # Shortest unique prefix: one token past the longest prefix shared with a sorted neighbour.
-        neq = seqs[1:] != seqs[:-1]
-        first_diff = neq.argmax(1)
-        new_group = np.concatenate([[True], neq.any(1)])
-        del neq
-        rep = np.flatnonzero(new_group)
-        n_paths = rep.size
-        shared = first_diff[rep[1:] - 1]
-        need = np.zeros(n_paths, np.int64)
-        need[1:] = shared
-        need[:-1] = np.maximum(need[:-1], shared)
-        keep_len = need + 1
-        paths = seqs[rep]
-        paths[np.arange(width)[None, :] >= keep_len[:, None]] = -1
-        add_end = paths[np.arange(n_paths), keep_len - 1] != end_id
-        paths[np.flatnonzero(add_end), keep_len[add_end]] = end_id
-        path_len = keep_len + add_end
-        max_depth = int(path_len.max())
-        del seqs
-
-        # Level by level: the sorted paths give non-decreasing (parent, token) keys at every depth.
-        parents, tokens_out, level_start = [np.array([-1])], [np.array([-1])], [0, 1]
-        node_of_path = np.zeros(n_paths, np.int64)
-        n_nodes = 1
-        for depth in range(max_depth):
-            idx = np.flatnonzero(path_len > depth)
-            tok = paths[idx, depth].astype(np.int64)
-            key = node_of_path[idx] * key_base + tok
-            new = np.empty(idx.size, bool)
-            new[0] = True
-            np.not_equal(key[1:], key[:-1], out=new[1:])
-            parents.append(node_of_path[idx][new])
-            tokens_out.append(tok[new])
-            node_of_path[idx] = n_nodes + np.cumsum(new) - 1
-            n_nodes += int(new.sum())
-            level_start.append(n_nodes)
-        del paths
-        parent = np.concatenate(parents).astype(np.int32)
-        token = np.concatenate(tokens_out).astype(np.int32)
-        edge_key = parent.astype(np.int64) * key_base + token
+                        stats["cut"], max_tokens, _names(id_array, np.flatnonzero(cut), 3))
+        columns = _Columns(tokens, starts, np.minimum(lengths, max_tokens), end_id)
+        perm = _lexsort(columns, doc_rank)
+        del doc_rank
+        rep, keep_len = _shortest_unique_prefixes(columns, perm)
+        rep_doc = perm[rep]
+        add_end = columns(rep_doc, keep_len - 1) != end_id
+        parent, token, node_of_path, level_start = _levels(columns, rep_doc, keep_len, keep_len + add_end)
+        del rep_doc, add_end, keep_len
+        n_nodes, n_paths = len(parent), len(rep)
+        edge_key = parent.astype(np.int64) * columns.key_base + token
         edge_key[0] = -1
         assert np.all(edge_key[1:] > edge_key[:-1]), "edge keys must be strictly increasing"
-        child_ptr = np.searchsorted(parent[1:], np.arange(n_nodes + 1)) + 1
-
         leaf_order = np.argsort(node_of_path)
         leaf_node = node_of_path[leaf_order]
-        leaf_count = np.zeros(n_nodes, np.int64)
-        leaf_count[leaf_node] = 1
-        for d in range(len(level_start) - 2, 1, -1):
-            s, e, ps = level_start[d], level_start[d + 1], level_start[d - 1]
-            leaf_count[ps:s] += np.bincount(parent[s:e] - ps, weights=leaf_count[s:e], minlength=s - ps).astype(np.int64)
-        leaf_count[0] = n_paths
-
-        # Documents of each leaf: the rows of its group in the sorted order (already sorted by id).
-        group_size = np.diff(np.append(rep, n))
-        sizes = group_size[leaf_order]
+        del node_of_path
+        # Documents of a leaf: the rows of its group in the sorted order (already sorted by id).
+        sizes = np.diff(np.append(rep, n))[leaf_order]
         leaf_doc_ptr = np.concatenate([[0], np.cumsum(sizes)])
-        rows = np.repeat(rep[leaf_order] - leaf_doc_ptr[:-1], sizes) + np.arange(n)
-        blob = "\x00".join(id_array[perm[rows]]).encode("utf-8")
-        doc_id_bytes = np.frombuffer(blob, np.uint8)
-        sep = np.flatnonzero(doc_id_bytes == 0)
-        if sep.size != n - 1:
-            raise ValueError("document ids must not contain NUL characters")
-        doc_id_ptr = np.concatenate([[0], sep + 1, [doc_id_bytes.size + 1]])
-        doc_id_ptr[1:] -= np.arange(1, n + 1)
-        doc_id_bytes = np.delete(doc_id_bytes, sep)
-
+        slot_doc = perm[np.repeat(rep[leaf_order] - leaf_doc_ptr[:-1], sizes) + np.arange(n)]
+        del perm, rep, leaf_order, sizes
+        doc_id_ptr, doc_id_bytes = _pack_strings(id_array[slot_doc])
         stats.update(docs=n, leaves=n_paths, nodes=n_nodes)
-        arrays = {"parent": parent, "token": token, "child_ptr": child_ptr, "edge_key": edge_key,
-                  "leaf_count": leaf_count, "leaf_node": leaf_node, "leaf_doc_ptr": leaf_doc_ptr,
+        arrays = {"parent": parent, "token": token, "child_ptr": np.searchsorted(parent[1:], np.arange(n_nodes + 1)) + 1,
+                  "edge_key": edge_key, "leaf_count": _leaf_counts(parent, leaf_node, level_start),
+                  "leaf_node": leaf_node, "leaf_doc_ptr": leaf_doc_ptr,
                   "doc_id_ptr": doc_id_ptr, "doc_id_bytes": doc_id_bytes}
-        arrays = {name: np.ascontiguousarray(a, dtype=ARRAYS[name]) for name, a in arrays.items()}
+        arrays = {name: np.ascontiguousarray(x, dtype=ARRAYS[name]) for name, x in arrays.items()}
+        max_depth = len(level_start) - 2
         log.info("prefix tree: %d documents, %d leaves, %d nodes, depth %d", n, n_paths, n_nodes, max_depth)
-        return cls(arrays, {"end_id": end_id, "key_base": key_base, "max_depth": max_depth, "stats": stats})
+        return cls(arrays, {"end_id": end_id, "key_base": columns.key_base, "max_depth": max_depth, "stats": stats})
 
     # ----- queries -----
 
@@ -377,6 +407,15 @@ class DeviceTrie:
         """Leaf id of each leaf node (undefined for other nodes)."""
         return torch.searchsorted(self.leaf_node, nodes.clamp(min=0)).clamp(max=len(self.leaf_node) - 1)
 
+    def children(self, nodes, include=None):
+        """(row, child node) pairs for all children of each row's node (rows where include is False skipped)."""
+        count = self.fanout(nodes)
+        if include is not None:
+            count = torch.where(include, count, 0)
+        rows = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), count)
+        offset = torch.arange(rows.numel(), device=nodes.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        return rows, self.child_ptr[nodes.clamp(min=0)][rows] + offset
+
     def allowed_mask(self, nodes, row_query=None, removals=None):
         """(rows, vocab) bool mask of each row's allowed next tokens.
 
@@ -391,10 +430,7 @@ class DeviceTrie:
         # One spare column absorbs the writes of rows that must not change, so no write conflicts.
         allowed = torch.zeros(n_rows, vocab + 1, dtype=torch.bool, device=nodes.device)
         allowed[:, :vocab] = self.dense[pos] & hot[:, None]
-        count = torch.where(hot, 0, self.fanout(nodes))
-        rows = torch.repeat_interleave(torch.arange(n_rows, device=nodes.device), count)
-        offset = torch.arange(rows.numel(), device=nodes.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
-        child = self.child_ptr[nodes.clamp(min=0)][rows] + offset
+        rows, child = self.children(nodes, ~hot)
         allowed[rows, self.token[child].long()] = True
         if removals is not None and removals.dead_node.numel():
             d_rows, d_index = removals.rows_of_dead(row_query)
