@@ -71,24 +71,42 @@ class RowWarper:
         self.k_max = int(self.top_k.max()) if bool(top_k_on.all()) else None  # None: a row keeps every token
         self.filtered = bool(top_k_on.any()) or bool((self.top_p < 1).any())
 
-    def __call__(self, scores):
+    def candidates(self, scores):
+        """(values, tokens): per row its candidate tokens, best first, with warped logits
+        (-inf where top-k / top-p drop them); rows and columns beyond a row's candidates are -inf."""
         if self.all_greedy:
-            return _argmax_only(scores)
+            best = scores.argmax(1, keepdim=True)
+            return scores.gather(1, best), best
         t = self.temperature
         out = scores / torch.where(t > 0, t, 1.0)
+        # Masked (-inf) logits are never candidates: without top-k look only as deep as the widest row needs.
+        k = min(self.k_max, scores.shape[1]) if self.k_max else int(torch.isfinite(scores).sum(1).max())
+        values, tokens = out.topk(k, dim=1)
+        rank = torch.arange(k, device=scores.device)
+        keep = rank < torch.where(self.top_k > 0, self.top_k, k)
         if self.filtered:
-            vocab = scores.shape[1]
-            k = vocab if self.k_max is None else min(self.k_max, vocab)
-            values, index = out.topk(k, dim=1)
-            rank = torch.arange(k, device=scores.device)
-            keep = rank < torch.where(self.top_k > 0, self.top_k, vocab)
-            values = values.masked_fill(~keep, float("-inf"))
-            probs = values.softmax(1)
+            probs = values.masked_fill(~keep, float("-inf")).softmax(1)
             keep = keep & ((probs.cumsum(1) - probs < self.top_p) | (rank == 0))
-            out = torch.full_like(out, float("-inf")).scatter_(1, index, values.masked_fill(~keep, float("-inf")))
-        if self.any_greedy:
-            out = torch.where(t > 0, out, _argmax_only(scores))
-        return out
+        if self.any_greedy:  # greedy rows: the argmax alone (first index on ties, as argmax)
+            greedy = (t <= 0).reshape(-1)
+            keep = torch.where(greedy[:, None], rank == 0, keep)
+            tokens = torch.where(greedy[:, None] & (rank == 0), scores.argmax(1, keepdim=True), tokens)
+        return values.masked_fill(~keep, float("-inf")), tokens
+
+    def __call__(self, scores):
+        """Warped logits over the whole vocabulary (-inf outside the candidates)."""
+        values, tokens = self.candidates(scores)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, values)
+
+    def sample(self, scores, generator=None):
+        """One token per row: the argmax for greedy settings, else a draw from the candidates."""
+        values, tokens = self.candidates(scores)
+        if self.all_greedy:
+            return tokens[:, 0]
+        probs = values.softmax(1)
+        # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
+        race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+        return tokens.gather(1, (probs / race).argmax(1, keepdim=True)).squeeze(1)
 
 
 class TrieLogitsProcessor(LogitsProcessor):
@@ -121,17 +139,17 @@ class TrieLogitsProcessor(LogitsProcessor):
         nodes = self.trie.walk(input_ids[:, self.prompt_len:].to(self.trie.device))
         return self.process(scores, nodes)
 
+    def mask(self, scores, nodes):
+        """Float logits (rows, vocab) of rows standing at trie `nodes`, -inf where not allowed."""
+        return scores.masked_fill(~self.trie.allowed_mask(nodes, self.row_query, self.removals), float("-inf"))
+
     def process(self, scores, nodes):
-        """Mask and warp float logits (rows, vocab) of rows standing at trie `nodes`."""
-        allowed = self.trie.allowed_mask(nodes, self.row_query, self.removals)
-        return self.warper(scores.masked_fill(~allowed, float("-inf")))
+        """Masked and warped logits."""
+        return self.warper(self.mask(scores, nodes))
 
-
-def sample_tokens(scores, generator=None, greedy=False):
-    """One token per row from warped logits: the argmax, or a draw from their softmax."""
-    if greedy:
-        return scores.argmax(1)
-    return torch.multinomial(scores.softmax(1), 1, generator=generator).squeeze(1)
+    def sample(self, scores, nodes, generator=None):
+        """One allowed token per row, drawn with the row's settings."""
+        return self.warper.sample(self.mask(scores, nodes), generator)
 
 
 class PromptBatch:
@@ -221,8 +239,11 @@ def _sample_rounds(model, trie, prompts, temperatures, top_k, top_p, draws, gene
         finished = ~active
         logits = batch.first_logits
         for _ in range(trie.max_depth):
-            tokens = sample_tokens(processor.process(logits, nodes), generator, processor.warper.all_greedy)
+            tokens = processor.sample(logits, nodes, generator)
             nodes = torch.where(finished, nodes, trie.advance(nodes, tokens))
+            # A complete unique prefix allows only the end token: take it without a forward pass.
+            end_child = trie.end_child(nodes)
+            nodes = torch.where(end_child >= 0, end_child, nodes)
             finished |= trie.is_leaf(nodes)
             if bool(finished.all()):
                 break

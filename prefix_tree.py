@@ -400,6 +400,13 @@ class DeviceTrie:
         safe = nodes.clamp(min=0)
         return torch.where(nodes >= 0, self.child_ptr[safe + 1] - self.child_ptr[safe], 0)
 
+    def end_child(self, nodes):
+        """The end-token child of each node whose only child it is (a complete DocID), else -1."""
+        safe = nodes.clamp(min=0)
+        first = self.child_ptr[safe]
+        only_end = (self.fanout(nodes) == 1) & (self.token[first.clamp(max=self.n_nodes - 1)] == self.end_id)
+        return torch.where(only_end, first, -1)
+
     def is_leaf(self, nodes):
         return (nodes >= 0) & (self.fanout(nodes) == 0)
 

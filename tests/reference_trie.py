@@ -56,8 +56,9 @@ class DictTrie:
         return not self.root
 
 
-def reference_decode(model, prompt, trie, K, max_new_tokens, pad_id):
-    """Greedy iterative decoding of one query: K generate calls on a private copy of the trie."""
+def reference_decode(model, prompt, trie, temperatures, max_new_tokens, pad_id, top_k=None, top_p=None):
+    """Iterative decoding of one query as in the original code: one generate call per DocID on a
+    private copy of the trie, DocID i greedy when temperatures[i] == 0, else sampled at it."""
     trie = copy.deepcopy(trie)
     start = len(prompt)
     ids = torch.tensor([prompt])
@@ -66,12 +67,13 @@ def reference_decode(model, prompt, trie, K, max_new_tokens, pad_id):
         return trie.allowed(row[start:].tolist())
 
     out = []
-    for _ in range(K):
+    for t in temperatures:
         if trie.empty():
             break
+        sampling = dict(do_sample=True, temperature=float(t), top_k=top_k, top_p=top_p) if t > 0 else \
+            dict(do_sample=False, temperature=None, top_k=None, top_p=None)
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), prefix_allowed_tokens_fn=allowed,
-                             max_new_tokens=max_new_tokens, do_sample=False, top_k=None, top_p=None,
-                             temperature=None, eos_token_id=trie.end, pad_token_id=pad_id)
+                             max_new_tokens=max_new_tokens, eos_token_id=trie.end, pad_token_id=pad_id, **sampling)
         path = tuple(gen[0, start:].tolist())
         out.append(path)
         trie.remove(path)

@@ -62,7 +62,7 @@ def setup(tiny_model_path, demo_root):
 def reference(setup):
     """Per query: the K DocID paths of greedy iterative decoding, one generate call each."""
     trie = DictTrie(setup.paths, setup.end)
-    return [reference_decode(setup.model, p, trie, K, setup.tree.max_depth, setup.tokenizer.pad_token_id)
+    return [reference_decode(setup.model, p, trie, [0.0] * K, setup.tree.max_depth, setup.tokenizer.pad_token_id)
             for p in setup.prompts]
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from decoding import TrieLogitsProcessor, sample_tokens
+from decoding import TrieLogitsProcessor
 from prefix_tree import ARRAYS, DeviceTrie, PrefixTree, Removals
 from reference_trie import DictTrie, shortest_unique_paths
 
@@ -120,7 +120,7 @@ def test_sampling_without_replacement_until_exhausted(seqs, seed, n_queries):
         nodes = torch.zeros(n_queries, dtype=torch.long)
         paths = [[] for _ in range(n_queries)]
         while not trie.is_leaf(nodes).all():
-            tokens = sample_tokens(processor.process(torch.randn(n_queries, VOCAB, generator=generator), nodes), generator)
+            tokens = processor.sample(torch.randn(n_queries, VOCAB, generator=generator), nodes, generator)
             nodes = torch.where(trie.is_leaf(nodes), nodes, trie.advance(nodes, tokens))
             assert (nodes >= 0).all(), "walked off the tree"
             for q, tok in enumerate(tokens.tolist()):
