@@ -1,0 +1,111 @@
+"""Prefix-tree benchmark: build time and memory on random DocIDs, and batched lookups.
+
+    python benchmarks/trie_bench.py [--docids 1000000] [--vocab 32000] [--rows 256]
+
+DocIDs are random token sequences of MIN_LEN..MAX_LEN tokens. Prints its figures and, as its last
+line, one JSON object: build_seconds, peak_rss_mb (peak resident memory growth during the build),
+bytes_per_docid (all arrays of the built tree per DocID), lookup_batch_us (one step for a batch of
+`--rows` rows on the CPU: advance each row along a token, then list the children of every row),
+mask_batch_us (the full (rows, vocab) allowed-token mask of those rows).
+"""
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from prefix_tree import DeviceTrie, PrefixTree  # noqa: E402
+
+MIN_LEN, MAX_LEN = 6, 12
+LOOKUP_REPEATS = 200
+SEED = 0
+
+
+def rss_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak():
+    """Reset the kernel's peak-RSS mark (Linux); False when not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def time_us(fn, repeats=LOOKUP_REPEATS):
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docids", type=int, default=1_000_000)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--rows", type=int, default=256)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    rng = np.random.default_rng(SEED)
+    end_id = args.vocab - 1
+    lengths = rng.integers(MIN_LEN, MAX_LEN + 1, args.docids)
+    tokens = rng.integers(0, end_id, int(lengths.sum()), dtype=np.int32)
+    doc_ids = [f"doc{i}" for i in range(args.docids)]
+
+    exact_peak = reset_peak()
+    before = rss_kb("VmRSS")
+    start = time.perf_counter()
+    tree = PrefixTree.from_arrays(doc_ids, tokens, lengths, end_id)
+    build_seconds = time.perf_counter() - start
+    peak = rss_kb("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_rss_mb = (peak - before) / 1024
+
+    trie = DeviceTrie(tree, args.vocab)
+    starts = np.cumsum(lengths) - lengths
+    picked = rng.integers(0, args.docids, args.rows)
+    depth = rng.integers(0, 3, args.rows)  # prefixes of 0..2 tokens: nodes near the root, where fan-out is large
+    suffix = torch.full((args.rows, 3), 0, dtype=torch.long)
+    for step in range(3):
+        suffix[:, step] = torch.from_numpy(tokens[starts[picked] + step].astype(np.int64))
+    nodes = trie.walk(suffix[:, :2])
+    nodes = torch.where(torch.from_numpy(depth) == 0, 0, nodes)
+    next_tokens = suffix[:, 2]
+
+    def lookup():
+        trie.children(trie.advance(nodes, next_tokens))
+
+    lookup_us = time_us(lookup)
+    mask_us = time_us(lambda: trie.allowed_mask(nodes), repeats=20)
+    stats = {
+        "docids": args.docids, "nodes": tree.n_nodes, "leaves": tree.n_leaves, "depth": tree.max_depth,
+        "build_seconds": round(build_seconds, 2), "peak_rss_mb": round(peak_rss_mb, 1),
+        "bytes_per_docid": round(tree.nbytes / args.docids, 1), "lookup_batch_us": round(lookup_us, 1),
+        "mask_batch_us": round(mask_us, 1), "rows": args.rows, "vocab": args.vocab,
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    }
+    print(f"built {args.docids:,} DocIDs ({MIN_LEN}-{MAX_LEN} tokens, vocab {args.vocab}) in {build_seconds:.2f} s; "
+          f"peak RSS growth {peak_rss_mb:.0f} MB ({'VmHWM' if exact_peak else 'ru_maxrss, an upper bound'})")
+    print(f"tree: {tree.n_nodes:,} nodes, {tree.n_leaves:,} leaves, depth {tree.max_depth}, "
+          f"{tree.nbytes / 2 ** 20:.1f} MB = {tree.nbytes / args.docids:.1f} bytes per DocID")
+    print(f"batched lookup ({args.rows} rows, advance + children): {lookup_us:.1f} us; "
+          f"allowed mask ({args.rows} x {args.vocab}): {mask_us:.1f} us")
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Batched trie-constrained decoding of DocIDs: the logits processor and the reverse-annealed decoder.
+
+For a batch of queries the prompts are encoded once (left padding); every iteration then decodes
+one DocID per query under the prefix tree, with that query's already decoded leaves removed, and
+the KV cache is cropped back to the prompts afterwards instead of re-encoding them. Iteration i
+samples at temperature t_i of the reverse-annealed schedule (t_0 = 0: the first DocID is greedy),
+with per-row top-k / top-p, so rows of different queries share one forward pass.
+
+    results = decode(model, tree, prompts)           # prompts: chat-encoded token-id lists
+    results[q].ranking                                # [(doc_id, 1/rank)], at most MAX_RESULTS
+    results[q].leaves                                 # decoded leaves, in order
+
+Modes (the decoding ablation): greedy, iterative_greedy, nucleus, reverse_annealed (default), beam.
+"""
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache, LogitsProcessor
+
+from prefix_tree import DeviceTrie, Removals
+
+log = logging.getLogger("decoding")
+
+# Reverse-annealed schedule: defaults of the original code.
+K_DOCIDS = 100        # DocIDs decoded per query
+SLOPE = 10.0          # k: slope of the sigmoid
+MIDPOINT = 0.1        # m: its midpoint, as a fraction of K
+T_MAX = 1.5           # temperature reached at i = K
+# Sampling filters of the original code (Llama-3.2-Instruct generation config and transformers' top-k).
+TOP_K = 50
+TOP_P = 0.9
+NUCLEUS_TEMPERATURE = 1.0
+MAX_RESULTS = 100     # documents per query in the ranking
+BATCH_SIZE = 32       # queries decoded together (beam search: times num_beams rows)
+MODES = ("greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam")
+
+
+def annealed_temperature(i, K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX):
+    """t_i = T_max * (s(k(i/K - m)) - s(-km)) / (s(k(1 - m)) - s(-km)), s the logistic sigmoid."""
+    def s(z):
+        return 1.0 / (1.0 + np.exp(-z))
+    return t_max * (s(k * (np.asarray(i, dtype=np.float64) / K - m)) - s(-k * m)) / (s(k * (1 - m)) - s(-k * m))
+
+
+def reverse_annealed_temperatures(K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX):
+    """Temperatures t_0 .. t_{K-1} (t_0 = 0, rising towards t_max)."""
+    return annealed_temperature(np.arange(K), K, k, m, t_max)
+
+
+def _argmax_only(scores):
+    best = scores.argmax(1, keepdim=True)
+    return torch.full_like(scores, float("-inf")).scatter_(1, best, scores.gather(1, best))
+
+
+class RowWarper:
+    """Per-row sampling settings applied to float logits (rows, vocab): temperature (0 = greedy:
+    only the argmax keeps a finite logit), then top-k (0 = off), then top-p (1 = off). Each setting
+    is a scalar or one value per row (transformers' warpers take one scalar and refuse 0)."""
+
+    def __init__(self, temperature=0.0, top_k=0, top_p=1.0, device="cpu"):
+        self.temperature = torch.as_tensor(temperature, dtype=torch.float32, device=device).reshape(-1, 1)
+        self.top_k = torch.as_tensor(top_k, dtype=torch.long, device=device).reshape(-1, 1)
+        self.top_p = torch.as_tensor(top_p, dtype=torch.float32, device=device).reshape(-1, 1)
+        greedy = self.temperature <= 0
+        self.all_greedy, self.any_greedy = bool(greedy.all()), bool(greedy.any())
+        top_k_on = self.top_k > 0
+        self.k_max = int(self.top_k.max()) if bool(top_k_on.all()) else None  # None: a row keeps every token
+        self.filtered = bool(top_k_on.any()) or bool((self.top_p < 1).any())
+
+    def candidates(self, scores):
+        """(values, tokens): per row its candidate tokens, best first, with warped logits
+        (-inf where top-k / top-p drop them); rows and columns beyond a row's candidates are -inf."""
+        if self.all_greedy:
+            best = scores.argmax(1, keepdim=True)
+            return scores.gather(1, best), best
+        t = self.temperature
+        out = scores / torch.where(t > 0, t, 1.0)
+        # Masked (-inf) logits are never candidates: without top-k look only as deep as the widest row needs.
+        k = min(self.k_max, scores.shape[1]) if self.k_max else int(torch.isfinite(scores).sum(1).max())
+        values, tokens = out.topk(k, dim=1)
+        rank = torch.arange(k, device=scores.device)
+        keep = rank < torch.where(self.top_k > 0, self.top_k, k)
+        if self.filtered:
+            probs = values.masked_fill(~keep, float("-inf")).softmax(1)
+            keep = keep & ((probs.cumsum(1) - probs < self.top_p) | (rank == 0))
+        if self.any_greedy:  # greedy rows: the argmax alone (first index on ties, as argmax)
+            greedy = (t <= 0).reshape(-1)
+            keep = torch.where(greedy[:, None], rank == 0, keep)
+            tokens = torch.where(greedy[:, None] & (rank == 0), scores.argmax(1, keepdim=True), tokens)
+        return values.masked_fill(~keep, float("-inf")), tokens
+
+    def __call__(self, scores):
+        """Warped logits over the whole vocabulary (-inf outside the candidates)."""
+        values, tokens = self.candidates(scores)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, values)
+
+    def sample(self, scores, generator=None):
+        """One token per row: the argmax for greedy settings, else a draw from the candidates."""
+        values, tokens = self.candidates(scores)
+        if self.all_greedy:
+            return tokens[:, 0]
+        probs = values.softmax(1)
+        # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
+        race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+        return tokens.gather(1, (probs / race).argmax(1, keepdim=True)).squeeze(1)
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """Masks each row to its trie's allowed next tokens, then applies per-row sampling settings
+    (a `RowWarper`: temperature, 0 = greedy, then top-k and top-p; scalars or one value per row).
+
+    With `removals`, `row_query` names each row's query and the leaves that query has already
+    decoded are masked. A step costs a few tensor operations whatever the number of rows.
+
+    With transformers `generate`: left-pad the prompts to `prompt_len`, pass
+    `logits_processor=LogitsProcessorList([processor])` and either `do_sample=False` (greedy) or
+    `do_sample=True, temperature=1.0, top_k=0, top_p=1.0` so that its own warpers are no-ops.
+    Each call re-walks the generated suffix from the root, so reordered beams and finished rows
+    (padded after the end token) are handled. `decode` calls `process` with the nodes it tracks.
+    """
+
+    supports_continuous_batching = False
+
+    def __init__(self, trie, prompt_len=0, temperature=0.0, top_k=0, top_p=1.0, removals=None, row_query=None):
+        self.trie, self.prompt_len, self.removals = trie, prompt_len, removals
+        self.set_rows(temperature, top_k, top_p, row_query)
+
+    def set_rows(self, temperature, top_k=0, top_p=1.0, row_query=None):
+        """Set the per-row (or shared) sampling settings and the query of each row."""
+        self.warper = RowWarper(temperature, top_k, top_p, self.trie.device)
+        self.row_query = None if row_query is None else torch.as_tensor(row_query, dtype=torch.long,
+                                                                        device=self.trie.device)
+
+    def __call__(self, input_ids, scores):
+        nodes = self.trie.walk(input_ids[:, self.prompt_len:].to(self.trie.device))
+        return self.process(scores, nodes)
+
+    def mask(self, scores, nodes):
+        """Float logits (rows, vocab) of rows standing at trie `nodes`, -inf where not allowed."""
+        return scores.masked_fill(~self.trie.allowed_mask(nodes, self.row_query, self.removals), float("-inf"))
+
+    def process(self, scores, nodes):
+        """Masked and warped logits."""
+        return self.warper(self.mask(scores, nodes))
+
+    def sample(self, scores, nodes, generator=None):
+        """One allowed token per row, drawn with the row's settings."""
+        return self.warper.sample(self.mask(scores, nodes), generator)
+
+
+class PromptBatch:
+    """Left-padded prompts encoded once; each row decodes on top of its prompt's KV cache.
+
+    `step` feeds one token per row and returns the next logits; `rewind` crops the cache back to
+    the prompts, so the next iteration starts from the same state without re-encoding.
+    """
+
+    def __init__(self, model, prompts, repeats=1):
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.24
+        self.keep_last = "logits_to_keep" in params
+        device = model.device
+        lengths = torch.tensor([len(p) for p in prompts])
+        if int(lengths.min()) == 0:
+            raise ValueError("empty prompt")
+        width = int(lengths.max())
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)  # the pad value is masked out
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.as_tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        self.cache = DynamicCache(config=model.config)
+        logits = self._forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0))
+        if repeats > 1:
+            self.cache.batch_repeat_interleave(repeats)
+        self.first_logits = logits.repeat_interleave(repeats, 0)
+        self.mask = mask.repeat_interleave(repeats, 0)
+        self.lengths = lengths.to(device).repeat_interleave(repeats)
+        self.n_new = 0
+
+    def _forward(self, ids, mask, positions):
+        kwargs = {self.cache_arg: self.cache, "use_cache": True}
+        if self.keep_last:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        return out.logits[:, -1].float()
+
+    def step(self, tokens):
+        """Append one token per row; returns the logits (rows, vocab) for the next position."""
+        self.n_new += 1
+        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], self.n_new)], 1)
+        positions = (self.lengths + self.n_new - 1)[:, None]
+        return self._forward(tokens[:, None], mask, positions)
+
+    def rewind(self):
+        if self.n_new:
+            self.cache.crop(-self.n_new)
+            self.n_new = 0
+
+    def reorder(self, rows):
+        """Make row i continue from row rows[i] (beam search)."""
+        self.cache.reorder_cache(rows)
+        self.mask, self.lengths = self.mask[rows], self.lengths[rows]
+
+
+@dataclass
+class Retrieval:
+    """One query's result: decoded leaves in rank order, and the documents they expand to."""
+    leaves: list = field(default_factory=list)
+    ranking: list = field(default_factory=list)  # [(doc_id, score)], strictly decreasing scores
+
+
+def _sample_rounds(model, trie, prompts, temperatures, top_k, top_p, draws, generator):
+    """Leaves decoded per query: draw i at temperatures[i], each query's leaves removed as it goes."""
+    n_queries, n_draws = len(prompts), len(temperatures)
+    device = trie.device
+    batch = PromptBatch(model, prompts, repeats=draws)
+    removals = Removals(trie, n_queries)
+    row_query = torch.arange(n_queries, device=device).repeat_interleave(draws)
+    slot = torch.arange(draws, device=device).repeat(n_queries)
+    rows = torch.arange(n_queries * draws, device=device)
+    temperatures = torch.as_tensor(temperatures, dtype=torch.float32, device=device)
+    processor = TrieLogitsProcessor(trie, removals=removals)
+    found = torch.full((n_queries, n_draws), -1, dtype=torch.long, device=device)
+    n_found = torch.zeros(n_queries, dtype=torch.long, device=device)
+    while True:
+        draw = n_found[row_query] + slot
+        active = (draw < n_draws) & ~removals.exhausted()[row_query]
+        if not bool(active.any()):
+            break
+        processor.set_rows(temperatures[draw.clamp(max=n_draws - 1)], top_k, top_p, row_query)
+        nodes = torch.where(active, 0, -1)  # inactive rows stay off the tree: only the end token
+        finished = ~active
+        logits = batch.first_logits
+        for _ in range(trie.max_depth):
+            tokens = processor.sample(logits, nodes, generator)
+            nodes = torch.where(finished, nodes, trie.advance(nodes, tokens))
+            # A complete unique prefix allows only the end token: take it without a forward pass.
+            end_child = trie.end_child(nodes)
+            nodes = torch.where(end_child >= 0, end_child, nodes)
+            finished |= trie.is_leaf(nodes)
+            if bool(finished.all()):
+                break
+            logits = batch.step(tokens)
+        batch.rewind()
+        leaf = torch.where(active & trie.is_leaf(nodes), nodes, -1)
+        keep = leaf >= 0
+        if draws > 1:  # rows of one query may meet on a leaf: keep its first draw, the others redraw
+            key = torch.where(keep, row_query * trie.n_nodes + leaf, -1 - rows)
+            unique, inverse = torch.unique(key, return_inverse=True)
+            first = torch.full_like(unique, len(rows)).scatter_reduce_(0, inverse, rows, "amin")
+            keep &= first[inverse] == rows
+        position = n_found[row_query] + keep.view(n_queries, draws).cumsum(1).view(-1) - 1
+        keep &= position < n_draws
+        if not bool(keep.any()):  # a live query always reaches a new leaf; never loop forever
+            raise RuntimeError("constrained decoding made no progress (inconsistent prefix tree)")
+        found[row_query[keep], position[keep]] = leaf[keep]
+        n_found += keep.view(n_queries, draws).sum(1)
+        removals.add(row_query[keep], leaf[keep])
+    return [trie.leaf_index(row[row >= 0]).tolist() for row in found]
+
+
+def _beam_search(model, trie, prompts, n_leaves, num_beams):
+    """Up to n_leaves distinct leaves per query by constrained beam search, best log-prob first."""
+    n_queries, width = len(prompts), num_beams
+    device, end, vocab = trie.device, trie.end_id, trie.vocab_size
+    batch = PromptBatch(model, prompts, repeats=width)
+    neg_inf = float("-inf")
+    score = torch.full((n_queries, width), neg_inf, device=device)
+    score[:, 0] = 0.0  # all beams start at the root: expand one of them
+    nodes = torch.zeros(n_queries * width, dtype=torch.long, device=device)
+    pool_score = torch.full((n_queries, n_leaves), neg_inf, device=device)
+    pool_leaf = torch.full((n_queries, n_leaves), -1, dtype=torch.long, device=device)
+    base = (torch.arange(n_queries, device=device) * width)[:, None]
+    logits = batch.first_logits
+    for _ in range(trie.max_depth):
+        logprobs = logits.log_softmax(1).masked_fill(~trie.allowed_mask(nodes), neg_inf)
+        candidates = (score.view(-1, 1) + logprobs).view(n_queries, width * vocab)
+        top, index = candidates.topk(min(2 * width, width * vocab), dim=1)
+        source = base + index // vocab
+        tokens = index % vocab
+        child = trie.advance(nodes[source], tokens)
+        alive = torch.isfinite(top)
+        ended = alive & trie.is_leaf(child)
+        merged_score = torch.cat([pool_score, torch.where(ended, top, neg_inf)], 1)
+        pool_score, pick = merged_score.topk(n_leaves, dim=1)
+        pool_leaf = torch.cat([pool_leaf, child], 1).gather(1, pick)
+        running = alive & ~ended
+        rank = running.cumsum(1) - 1
+        q, c = torch.nonzero(running & (rank < width), as_tuple=True)
+        slot = rank[q, c]
+        score = torch.full_like(score, neg_inf)
+        score[q, slot] = top[q, c]
+        new_source = (base + torch.arange(width, device=device)).clone()
+        new_source[q, slot] = source[q, c]
+        new_nodes = torch.full((n_queries, width), -1, dtype=torch.long, device=device)
+        new_nodes[q, slot] = child[q, c]
+        new_tokens = torch.full((n_queries, width), end, dtype=torch.long, device=device)
+        new_tokens[q, slot] = tokens[q, c]
+        # Log-probs only fall as a beam grows: stop once no beam can enter the pool.
+        done = score.max(1).values <= pool_score[:, -1]
+        score[done] = neg_inf
+        if bool(done.all()):
+            break
+        batch.reorder(new_source.view(-1))
+        nodes = new_nodes.view(-1)
+        logits = batch.step(new_tokens.view(-1))
+    return [trie.leaf_index(leaf[torch.isfinite(s)]).tolist() for leaf, s in zip(pool_leaf, pool_score)]
+
+
+def _ranking(tree, leaves, max_results):
+    docs = []
+    for leaf in leaves:
+        docs.extend(tree.leaf_docs(leaf))
+        if len(docs) >= max_results:
+            break
+    return [(doc, 1.0 / rank) for rank, doc in enumerate(docs[:max_results], 1)]
+
+
+def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX,
+           top_k=TOP_K, top_p=TOP_P, temperature=NUCLEUS_TEMPERATURE, num_beams=None, batch_size=BATCH_SIZE,
+           max_results=MAX_RESULTS, seed=0, draws_per_round=1, progress=True):
+    """Decode up to K DocIDs per prompt under the prefix tree; returns one `Retrieval` per prompt.
+
+    trie: a PrefixTree (or a DeviceTrie on the model's device). prompts: token-id lists, each the
+    chat-encoded query with the assistant generation prompt. Modes: "greedy" (one DocID),
+    "iterative_greedy" (K greedy draws), "nucleus" (K draws at `temperature`), "reverse_annealed"
+    (draw i at t_i of the schedule (K, k, m, t_max)), all without replacement and with top_k /
+    top_p on sampled draws; "beam" (beam search with num_beams, default K, returning up to K leaves
+    by sequence log-prob). draws_per_round > 1 decodes that many draws per query in one pass (a
+    faster approximation; 1 is exact). Each leaf expands to all its documents, cut at max_results.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown decoding mode {mode!r}; expected one of {', '.join(MODES)}")
+    if K < 1 or batch_size < 1 or draws_per_round < 1 or max_results < 1:
+        raise ValueError("K, batch_size, draws_per_round and max_results must be positive")
+    if not 0 < top_p <= 1 or top_k < 0 or temperature < 0:
+        raise ValueError("need 0 < top_p <= 1, top_k >= 0 and temperature >= 0")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if not isinstance(trie, DeviceTrie):
+        trie = DeviceTrie(trie, vocab, model.device)
+    if trie.vocab_size != vocab or trie.device != model.device:
+        raise ValueError("the DeviceTrie must match the model's vocabulary size and device")
+    if mode == "greedy":
+        K = 1
+    temperatures = {"greedy": np.zeros(K), "iterative_greedy": np.zeros(K),
+                    "nucleus": np.full(K, float(temperature)),
+                    "reverse_annealed": reverse_annealed_temperatures(K, k, m, t_max)}.get(mode)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
+    leaves = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(order), batch_size), desc=f"decode ({mode})", disable=not progress):
+                index = order[start:start + batch_size]
+                batch = [prompts[i] for i in index]
+                if mode == "beam":
+                    found = _beam_search(model, trie, batch, K, num_beams or K)
+                else:
+                    found = _sample_rounds(model, trie, batch, temperatures, top_k, top_p, draws_per_round, generator)
+                for i, query_leaves in zip(index, found):
+                    leaves[i] = query_leaves
+    finally:
+        model.train(was_training)
+    short = sum(len(x) < K for x in leaves)
+    if short:
+        log.info("%d of %d queries exhausted the tree before %d DocIDs", short, len(prompts), K)
+    return [Retrieval(x, _ranking(trie.tree, x, max_results)) for x in leaves]
