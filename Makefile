@@ -31,9 +31,18 @@ TINY_MODEL := models/tiny-llama/config.json
 test: $(ENV) $(DEMO_DATA) $(TINY_MODEL)
 	$(PY) -m pytest -q tests
 
+DEMO_STEPS := sftqg.py qg_vllm.py sftid.py title_vllm.py genir.py "genir.py --STAGE=ablation"
+
 demo: $(ENV) $(DEMO_DATA) $(TINY_MODEL)
-	@echo "demo corpus: dataset/MAIR-Docs, dataset/MAIR-Queries; tiny model: models/tiny-llama"
-	$(PY) -c "import mair_config, file_io; [print(f'{t:12s} {sum(1 for _ in file_io.iter_jsonl(mair_config.docs_path(t))):5d} docs {sum(1 for _ in file_io.iter_jsonl(mair_config.queries_path(t))):5d} queries') for t in mair_config.DEMO_TASK_DOMAIN]"
+	@mkdir -p out/demo; : > out/demo/times.txt
+	@set -e; for step in $(DEMO_STEPS); do \
+	  start=$$(date +%s); echo "=== $$step --config configs/demo.json"; \
+	  $(PY) $$step --config configs/demo.json; \
+	  echo "$$step: $$(( $$(date +%s) - start )) s" >> out/demo/times.txt; \
+	done
+	@echo; cat out/demo/results.md; echo; cat out/demo/ablation.md
+	@echo; echo "step times (out/demo/times.txt):"; cat out/demo/times.txt
+	@echo "tables: out/demo/results.md out/demo/ablation.md; plots: out/demo/ablation.png out/demo/schedule.png"
 
 env: $(ENV)
 data: $(ENV) $(DEMO_DATA)
@@ -54,4 +63,4 @@ $(TINY_MODEL): models/build_tiny.py $(DEMO_DATA)
 	$(PY) -m models.build_tiny
 
 clean:
-	rm -rf dataset/MAIR-Docs dataset/MAIR-Queries dataset/MAIR-Data models/tiny-llama out
+	rm -rf dataset/MAIR-Docs dataset/MAIR-Queries dataset/MAIR-Data models/tiny-* models/genir out log

@@ -239,6 +239,8 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg['epochs']}", disable=not main, dynamic_ncols=True)
         for i, batch in enumerate(bar):
             extra = extra_batches(global_step) if extra_batches is not None else None
+            if extra is not None:
+                extra = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in extra.items()}
             with accelerator.accumulate(module):
                 loss = module(**batch, extra=extra)
                 accelerator.backward(loss)

@@ -1,0 +1,520 @@
+"""Step 5: train the generative retriever per corpus, build its prefix tree, decode ranked DocIDs
+with reverse-annealed sampling, and evaluate next to BM25; also the decoding ablation.
+
+    python genir.py [--config configs/demo.json]            # train + evaluate every task of TASKS
+    accelerate launch --num_processes 8 genir.py             # 8 GPUs: DDP training, queries split
+    python genir.py --STAGE=ablation                         # decoding ablation on the trained retrievers
+    python genir.py --STAGE=table                            # rebuild results.md from finished tasks
+
+Per corpus: MODEL_DIR/<RUN>/<corpus>/ (retriever checkpoints, trie/). Per task:
+OUT_DIR/<RUN>/<task>/{bm25,zerogr,zerogr-rerank}.run (TREC) and metrics.json; then
+OUT_DIR/<RUN>/results.md (paper-style tables) and, for the ablation, ablation.md / ablation.png /
+schedule.png. A finished task is skipped on a rerun; a failing task is reported and the others go on.
+"""
+import logging
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import decoding
+import lm
+import mair_config
+import metrics
+from config import env_rank, parse_args, setup_logging
+from file_io import DataError, atomic_open, read_json, read_rows, write_json, write_jsonl
+from prefix_tree import PrefixTree
+from prompts import retrieval_prompt
+from shards import read_docs, task_instruction
+
+C = {
+    "BASE_MODEL": "models/Llama-3.2-3B-Instruct",   # ZeroGR-3B (the released code used the 1B model)
+    "MODEL_DIR": "models/genir",                    # retrievers: MODEL_DIR/<RUN>/<corpus>
+    "OUT_DIR": "out",                               # results: OUT_DIR/<RUN>/
+    "RUN": "zerogr",
+    "TASKS": [],                                    # evaluation tasks (see README: the paper's lists are unknown)
+    "STAGE": "all",                                 # all | train | eval | table | ablation
+    "DATA_ROOT": mair_config.DATA_ROOT,
+    # training data
+    "QG_SUFIX": "QG",                               # pseudo-queries: MAIR-Data/<QG_SUFIX>-<NUM_Q>/<corpus>
+    "NUM_Q": 16,
+    "DOCASQ_N": 16,                                 # document-as-query passages per document (0: none)
+    "DOCASQ_WORDS": 32,                             # words per passage
+    "GIST_TYPE": "title",                           # DocIDs: MAIR-Data/gist_ids/<corpus>/<GIST_TYPE>.jsonl
+    # optimisation (the original code's values)
+    "LR": 5e-5,
+    "WARMUP_RATIO": 0.5,                            # warmup = half an epoch
+    "EPOCHS": 5,
+    "BATCH_SIZE": 16,                               # per device
+    "GRAD_ACCUM": 1,
+    "GRAD_CLIP": 1.0,
+    "MAX_LEN": 200,
+    "MAX_INSTRUCTION_TOKENS": 64,
+    "MAX_QUERY_TOKENS": 64,                         # training queries
+    "MAX_EVAL_QUERY_TOKENS": 128,
+    # ranking loss of the original code: every RANK_EVERY steps, groups of 1 positive + GROUP_SIZE-1
+    # BM25 negatives scored by RANK_TOKEN's logit at the last position, RankNet loss
+    "RANK_LOSS": True,
+    "RANK_EVERY": 8,
+    "GROUP_SIZE": 8,
+    "RANK_TOKEN": "<|reserved_special_token_0|>",
+    "NEGATIVE_DEPTH": 100,
+    # decoding (DESIGN.md 6)
+    "DECODE_MODE": "reverse_annealed",
+    "K": 100,
+    "SLOPE": 10.0,
+    "MIDPOINT": 0.1,
+    "T_MAX": 1.5,
+    "TOP_K": 50,
+    "TOP_P": 0.9,
+    "NUCLEUS_TEMPERATURE": 1.0,
+    "NUM_BEAMS": None,                              # beam mode: None = K beams
+    "DRAWS_PER_ROUND": 1,                           # > 1: faster approximation of the sequential draws
+    "MAX_RESULTS": 100,
+    "EVAL_BATCH_SIZE": 32,
+    "RERANK": True,                                 # also rank the candidates by RANK_TOKEN's logit
+    "RERANK_BATCH_SIZE": 256,
+    "BM25_WITH_INSTRUCTION": False,
+    "ABLATION_MODES": ["greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam"],
+    "SEED": 0,
+    "LOG_EVERY": 10,
+    "WANDB": "disabled",
+    "WANDB_PROJECT": "zerogr",
+}
+
+METHODS = {"bm25": "BM25", "zerogr": "ZeroGR", "zerogr-rerank": "ZeroGR (reranked)"}
+log = logging.getLogger("genir")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def run_dir():
+    return os.path.join(C["OUT_DIR"], C["RUN"])
+
+
+def model_dir(corpus):
+    return os.path.join(C["MODEL_DIR"], C["RUN"], corpus)
+
+
+def load_docids(corpus, docs):
+    """{doc id: DocID text} for a corpus; documents without a DocID are counted and left out."""
+    path = mair_config.gist_path(corpus, C["GIST_TYPE"], C["DATA_ROOT"])
+    if not os.path.exists(path):
+        raise DataError(f"{corpus}: no DocIDs at {path} (run title_vllm.py first)")
+    known = {d["id"] for d in docs}
+    gists, unknown = {}, 0
+    for row in read_rows(path, ("id", "gist")):
+        if str(row["id"]) in known:
+            gists[str(row["id"])] = row["gist"]
+        else:
+            unknown += 1
+    missing = [d["id"] for d in docs if not str(gists.get(d["id"], "")).strip()]
+    warnings = []
+    if unknown:
+        warnings.append(f"{path}: {unknown} DocIDs for documents not in the corpus, ignored")
+    if missing:
+        warnings.append(f"{path}: {len(missing)} of {len(docs)} documents have no DocID and cannot be "
+                        f"retrieved, e.g. {', '.join(missing[:3])}")
+    for w in warnings:
+        log.warning(w)
+    return {k: v for k, v in gists.items() if v.strip()}, warnings
+
+
+def docasq_rows(corpus, docs, instruction):
+    """Document-as-query examples: DOCASQ_N passages of DOCASQ_WORDS words cut from each document
+    (seeded random windows; a short document gives fewer, distinct passages)."""
+    rng = random.Random(C["SEED"])
+    rows = []
+    for d in docs:
+        words = d["doc"].split()
+        if not words:
+            continue
+        span = C["DOCASQ_WORDS"]
+        starts = sorted({rng.randrange(max(1, len(words) - span + 1)) for _ in range(C["DOCASQ_N"])})
+        for s in starts:
+            rows.append({"instruction": instruction, "query": " ".join(words[s:s + span]),
+                         "labels": [{"id": d["id"], "score": 1}]})
+    return rows
+
+
+def training_queries(corpus, docs):
+    """Pseudo-queries (required) plus document-as-query examples (built when missing)."""
+    path = mair_config.pseudo_queries_path(corpus, C["QG_SUFIX"], C["NUM_Q"], C["DATA_ROOT"])
+    if not os.path.exists(path):
+        raise DataError(f"{corpus}: no pseudo-queries at {path} (run qg_vllm.py first)")
+    rows = read_rows(path, ("instruction", "query", "labels"))
+    if C["DOCASQ_N"] > 0:
+        docasq = mair_config.docasq_path(corpus, C["DOCASQ_N"], C["DATA_ROOT"])
+        if not os.path.exists(docasq):
+            instruction = task_instruction(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
+            extra = docasq_rows(corpus, docs, instruction)
+            if env_rank() == 0:
+                write_jsonl(extra, docasq)
+                log.info("%s: %d document-as-query examples -> %s", corpus, len(extra), docasq)
+        else:
+            extra = read_rows(docasq, ("instruction", "query", "labels"))
+        rows = rows + extra
+    return rows
+
+
+def query_prompt(tokenizer, instruction, query, max_query_tokens):
+    return retrieval_prompt(lm.truncate_tokens(tokenizer, instruction or "", C["MAX_INSTRUCTION_TOKENS"]),
+                            lm.truncate_tokens(tokenizer, query, max_query_tokens))
+
+
+# ---------------------------------------------------------------------------------------------- ranking head
+
+def rank_token_id(tokenizer, model=None):
+    """Id of the ranking token, added to the vocabulary (and the model resized) if missing."""
+    token = C["RANK_TOKEN"]
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+        if model is not None:
+            model.resize_token_embeddings(len(tokenizer))
+        log.info("added the ranking token %s to the vocabulary", token)
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def rank_scores(model, input_ids, attention_mask, token_id):
+    """Logit of the ranking token at each right-padded sequence's last position."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    last = hidden[torch.arange(len(input_ids), device=hidden.device), attention_mask.sum(1) - 1]
+    return (last @ model.get_output_embeddings().weight[token_id]).float()
+
+
+def ranknet_loss(model, batch):
+    """RankNet: each group's positive (first) above each of its negatives."""
+    scores = rank_scores(model, batch["input_ids"], batch["attention_mask"], batch["token_id"])
+    groups = scores.view(-1, batch["group_size"])
+    return F.softplus(groups[:, 1:] - groups[:, :1]).mean()
+
+
+def rank_groups(tokenizer, docs, gists, queries, token_id):
+    """An endless supplier of ranking batches: per step, BATCH_SIZE // GROUP_SIZE groups of one
+    pseudo-query's positive and GROUP_SIZE-1 BM25 negatives (one pseudo-query per document)."""
+    first = {}
+    for q in queries:
+        doc_id = q["labels"][0]["id"]
+        if doc_id in gists and doc_id not in first:
+            first[doc_id] = q
+    positives = list(first)
+    negatives = metrics.bm25_negatives(docs, [first[d]["query"] for d in positives], positives,
+                                       k=C["NEGATIVE_DEPTH"], n=C["GROUP_SIZE"] - 1, seed=C["SEED"])
+    groups = [(first[d], [d] + [n for n in negs if n in gists]) for d, negs in zip(positives, negatives)]
+    groups = [(q, cands) for q, cands in groups if len(cands) == C["GROUP_SIZE"]]
+    per_step = max(1, C["BATCH_SIZE"] // C["GROUP_SIZE"])
+    rng = random.Random(C["SEED"])
+
+    def supplier(step):
+        if not C["RANK_LOSS"] or not groups or step % C["RANK_EVERY"] != 0:
+            return None
+        examples = []
+        for q, cands in rng.sample(groups, min(per_step, len(groups))):
+            prompt = query_prompt(tokenizer, q["instruction"], q["query"], C["MAX_QUERY_TOKENS"])
+            examples.extend(lm.encode_example(tokenizer, prompt, gists[c], C["MAX_LEN"]) for c in cands)
+        batch = lm.collate(examples, tokenizer.pad_token_id)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "token_id": token_id, "group_size": C["GROUP_SIZE"]}
+
+    log.info("ranking loss: %d groups of %d (every %d steps)", len(groups), C["GROUP_SIZE"], C["RANK_EVERY"])
+    return supplier
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def check_docid_tokens(tokenizer, gists, sample=50):
+    """The DocID tokens the retriever learns (inside the chat) must be the trie's tokens."""
+    bad = 0
+    for doc_id in list(gists)[:sample]:
+        ex = lm.encode_example(tokenizer, "q", gists[doc_id], 10_000)
+        answer = [t for t in ex["labels"] if t != lm.IGNORE_INDEX]
+        alone = tokenizer(gists[doc_id], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        bad += answer[:len(alone)] != alone
+    if bad:
+        log.warning("%d of %d DocIDs tokenize differently inside the chat template than alone: constrained "
+                    "decoding may miss them", bad, min(sample, len(gists)))
+    return bad
+
+
+def train_corpus(corpus):
+    """Train (or resume) the retriever of one corpus; returns its directory."""
+    out = model_dir(corpus)
+    if lm.training_done(out):
+        log.info("%s: retriever already trained at %s", corpus, out)
+        return out
+    docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
+    gists, _ = load_docids(corpus, docs)
+    queries = training_queries(corpus, docs)
+    model, tokenizer, resume = lm.load_for_training(C["BASE_MODEL"], out)
+    token_id = rank_token_id(tokenizer, model)
+    check_docid_tokens(tokenizer, gists)
+    examples, skipped = [], 0
+    for q in tqdm(queries, desc=f"{corpus}: encode", disable=env_rank() != 0, dynamic_ncols=True):
+        doc_id = str(q["labels"][0]["id"])
+        if doc_id not in gists:
+            skipped += 1
+            continue
+        prompt = query_prompt(tokenizer, q["instruction"], q["query"], C["MAX_QUERY_TOKENS"])
+        examples.append(lm.encode_example(tokenizer, prompt, gists[doc_id], C["MAX_LEN"]))
+    if skipped:
+        log.warning("%s: %d training queries point to documents without a DocID; skipped", corpus, skipped)
+    supplier = rank_groups(tokenizer, docs, gists, queries, token_id) if C["RANK_LOSS"] else None
+    cfg = lm.sft_config(C)
+    lm.train_sft(model, tokenizer, examples, out, cfg, extra_loss=ranknet_loss if supplier else None,
+                 extra_batches=supplier, resume_from=resume, desc=f"genir {corpus}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+def load_trie(corpus, tokenizer, docs, gists):
+    """The corpus's prefix tree, built once and saved next to its retriever."""
+    path = os.path.join(model_dir(corpus), "trie")
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return PrefixTree.load(path)
+    tree = PrefixTree.build([(d["id"], gists[d["id"]]) for d in docs if d["id"] in gists], tokenizer)
+    if env_rank() == 0:
+        tree.save(path)
+    return tree
+
+
+def eval_queries(task, doc_ids):
+    """(queries to decode, qrels, qrels report) of a task; empty queries stay in the qrels (they score 0)."""
+    path = mair_config.queries_path(task, C["DATA_ROOT"])
+    rows = read_rows(path, ("qid", "query", "labels"))
+    qrels, report = metrics.qrels_from_queries(rows, doc_ids, source=path)
+    decodable = [q for q in rows if str(q["query"]).strip()]
+    return decodable, qrels, report
+
+
+def split_for_process(items):
+    """This process's share of `items` under accelerate / torchrun (all of them in one process)."""
+    from accelerate import PartialState
+    state = PartialState(cpu=not lm.cuda_available())
+    return items[state.process_index::state.num_processes], state
+
+
+def gather(results, state):
+    from accelerate.utils import gather_object
+    if state.num_processes == 1:
+        return results
+    return [x for part in gather_object([results]) for x in part]
+
+
+def decode_queries(model, tokenizer, tree, queries, mode):
+    """{qid: (ranking doc ids, decoded leaves)} for this process's queries, gathered from all."""
+    mine, state = split_for_process(queries)
+    prompts = [lm.chat_prompt_ids(tokenizer, query_prompt(tokenizer, q.get("instruction"), q["query"],
+                                                         C["MAX_EVAL_QUERY_TOKENS"])) for q in mine]
+    found = decoding.decode(model, tree, prompts, mode=mode, K=C["K"], k=C["SLOPE"], m=C["MIDPOINT"],
+                            t_max=C["T_MAX"], top_k=C["TOP_K"], top_p=C["TOP_P"],
+                            temperature=C["NUCLEUS_TEMPERATURE"], num_beams=C["NUM_BEAMS"],
+                            batch_size=C["EVAL_BATCH_SIZE"], max_results=C["MAX_RESULTS"], seed=C["SEED"],
+                            draws_per_round=C["DRAWS_PER_ROUND"], progress=state.is_main_process)
+    local = [(str(q["qid"]), [doc for doc, _ in r.ranking]) for q, r in zip(mine, found)]
+    return dict(gather(local, state))
+
+
+@torch.no_grad()
+def rerank(model, tokenizer, queries, rankings, gists, token_id):
+    """The generated candidates of each query re-ordered by the ranking token's logit."""
+    mine, state = split_for_process(queries)
+    pairs = []
+    for q in mine:
+        prompt = query_prompt(tokenizer, q.get("instruction"), q["query"], C["MAX_EVAL_QUERY_TOKENS"])
+        pairs.extend((str(q["qid"]), doc, prompt) for doc in rankings.get(str(q["qid"]), []))
+    scores = []
+    model.eval()
+    for start in tqdm(range(0, len(pairs), C["RERANK_BATCH_SIZE"]), desc="rerank", disable=not state.is_main_process,
+                      dynamic_ncols=True):
+        chunk = pairs[start:start + C["RERANK_BATCH_SIZE"]]
+        batch = lm.collate([lm.encode_example(tokenizer, p, gists[d], C["MAX_LEN"] + C["MAX_EVAL_QUERY_TOKENS"])
+                            for _, d, p in chunk], tokenizer.pad_token_id)
+        scores.extend(rank_scores(model, batch["input_ids"].to(model.device),
+                                  batch["attention_mask"].to(model.device), token_id).tolist())
+    by_query = {}
+    for (qid, doc, _), score in zip(pairs, scores):
+        by_query.setdefault(qid, []).append((score, doc))
+    local = [(qid, [d for _, d in sorted(cands, key=lambda x: -x[0])]) for qid, cands in by_query.items()]
+    return dict(gather(local, state))
+
+
+def write_runs(task, runs):
+    folder = os.path.join(run_dir(), task)
+    for name, rankings in runs.items():
+        metrics.write_trec_run(metrics.run_from_rankings(rankings), os.path.join(folder, f"{name}.run"), name)
+
+
+def evaluate_task(task, bm25_cache):
+    """Evaluate one task: BM25, ZeroGR (generation order) and ZeroGR reranked; returns its metrics."""
+    started = time.time()
+    corpus = mair_config.corpus_of(task)
+    docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
+    gists, warnings = load_docids(corpus, docs)
+    queries, qrels, report = eval_queries(task, {d["id"] for d in docs})
+    if report.get("empty_query"):
+        warnings.append(f"{task}: {report['empty_query']} empty queries (scored 0)")
+    if report.get("unknown_labels"):
+        warnings.append(f"{task}: {report['unknown_labels']} labels point to documents missing from the corpus "
+                        f"(e.g. {', '.join(report.get('unknown_examples', [])[:3])})")
+    if corpus not in bm25_cache:
+        bm25_cache[corpus] = metrics.BM25Index(docs)
+    runs = {"bm25": metrics.bm25_search(bm25_cache[corpus], queries, k=C["MAX_RESULTS"],
+                                        with_instruction=C["BM25_WITH_INSTRUCTION"])}
+    model, tokenizer = lm.load_model(model_dir(corpus), device="cuda" if lm.cuda_available() else "cpu")
+    token_id = rank_token_id(tokenizer)
+    tree = load_trie(corpus, tokenizer, docs, gists)
+    runs["zerogr"] = decode_queries(model, tokenizer, tree, queries, C["DECODE_MODE"])
+    if C["RERANK"]:
+        runs["zerogr-rerank"] = rerank(model, tokenizer, queries, runs["zerogr"], gists, token_id)
+    result = {"task": task, "corpus": corpus, "domain": mair_config.task_domain(task), "queries": len(qrels),
+              "decoded_queries": len(queries), "methods": {}, "qrels_report": report, "warnings": warnings}
+    for name, rankings in runs.items():
+        result["methods"][METHODS[name]], _ = metrics.evaluate(qrels, metrics.run_from_rankings(rankings))
+    result["seconds"] = round(time.time() - started, 1)
+    result["settings"] = {k: C[k] for k in ("DECODE_MODE", "K", "SLOPE", "MIDPOINT", "T_MAX", "TOP_K", "TOP_P",
+                                            "MAX_RESULTS", "SEED", "BM25_WITH_INSTRUCTION")}
+    if env_rank() == 0:
+        write_runs(task, runs)
+        write_json(result, os.path.join(run_dir(), task, "metrics.json"))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+def finished_results(tasks):
+    results = {}
+    for task in tasks:
+        path = os.path.join(run_dir(), task, "metrics.json")
+        if os.path.exists(path):
+            results[task] = read_json(path)
+    return results
+
+
+def write_tables(tasks):
+    results = finished_results(tasks)
+    if not results:
+        log.warning("no finished task to tabulate under %s", run_dir())
+        return None
+    table = metrics.results_tables({t: r["methods"] for t, r in results.items()},
+                                   {t: r["domain"] for t, r in results.items()}, mair_config.BEIR_TASKS,
+                                   methods=list(METHODS.values()))
+    notes = [w for r in results.values() for w in r.get("warnings", [])]
+    missing = [t for t in tasks if t not in results]
+    text = f"# Results: {C['RUN']}\n\n{table}\n"
+    if missing:
+        text += f"\nNot finished: {', '.join(missing)}\n"
+    if notes:
+        text += "\n## Warnings\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    path = os.path.join(run_dir(), "results.md")
+    with atomic_open(path) as f:
+        f.write(text)
+    log_wandb_tables(results)
+    log.info("results table -> %s", path)
+    return path
+
+
+def log_wandb_tables(results):
+    mode = str(C["WANDB"]).lower()
+    if mode in ("0", "false", "disabled", "off", "none") or not lm.has_package("wandb"):
+        return
+    import wandb
+    run = wandb.init(project=C["WANDB_PROJECT"], name=f"{C['RUN']}-results",
+                     mode="online" if mode in ("1", "true", "online") else mode, dir=run_dir())
+    columns = ["task", "domain", "method"] + list(metrics.MEASURES)
+    rows = [[t, r["domain"], m] + [vals.get(k) for k in metrics.MEASURES]
+            for t, r in results.items() for m, vals in r["methods"].items()]
+    run.log({"results": wandb.Table(columns=columns, data=rows)})
+    run.finish()
+
+
+# ---------------------------------------------------------------------------------------------- ablation
+
+def ablation(tasks):
+    """Every decoding mode on every query of `tasks`, with the trained retrievers; table and plots."""
+    per_query = {}
+    for task in tasks:
+        corpus = mair_config.corpus_of(task)
+        docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
+        gists, _ = load_docids(corpus, docs)
+        queries, qrels, _ = eval_queries(task, {d["id"] for d in docs})
+        model, tokenizer = lm.load_model(model_dir(corpus), device="cuda" if lm.cuda_available() else "cpu")
+        tree = load_trie(corpus, tokenizer, docs, gists)
+        for mode in C["ABLATION_MODES"]:
+            main_run = os.path.join(run_dir(), task, "zerogr.run")
+            if mode == C["DECODE_MODE"] and os.path.exists(main_run):
+                run = metrics.read_trec_run(main_run)
+            else:
+                run = metrics.run_from_rankings(decode_queries(model, tokenizer, tree, queries, mode))
+            _, values = metrics.evaluate(qrels, run)
+            for metric, by_qid in values.items():
+                per_query.setdefault(mode, {}).setdefault(metric, {}).update(
+                    {f"{task}/{qid}": v for qid, v in by_qid.items()})
+            log.info("%s %s: %s", task, mode, {m: round(sum(v.values()) / max(len(v), 1), 4)
+                                               for m, v in values.items()})
+    if env_rank() != 0:
+        return None
+    folder = run_dir()
+    table = metrics.ablation_table(per_query, reference=C["DECODE_MODE"])
+    settings = (f"K={C['K']}, k={C['SLOPE']}, m={C['MIDPOINT']}, T_max={C['T_MAX']}, top-k={C['TOP_K']}, "
+                f"top-p={C['TOP_P']}, nucleus T={C['NUCLEUS_TEMPERATURE']}, beams={C['NUM_BEAMS'] or C['K']}")
+    path = os.path.join(folder, "ablation.md")
+    with atomic_open(path) as f:
+        f.write(f"# Decoding ablation: {C['RUN']} ({', '.join(tasks)})\n\nSettings: {settings}.\n\n{table}\n")
+    write_json(per_query, os.path.join(folder, "ablation_per_query.json"))
+    metrics.plot_ablation(per_query, os.path.join(folder, "ablation.png"))
+    metrics.plot_schedule(decoding.reverse_annealed_temperatures(C["K"], C["SLOPE"], C["MIDPOINT"], C["T_MAX"]),
+                          os.path.join(folder, "schedule.png"))
+    log.info("ablation -> %s, ablation.png, schedule.png", path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    parse_args("genir", C, argv=argv, description=__doc__)
+    setup_logging(env_rank())
+    tasks = [mair_config.check_task(t) for t in C["TASKS"]]
+    if not tasks:
+        raise SystemExit("no tasks: set TASKS (a config file or --TASKS=\"['SciFact']\")")
+    if C["STAGE"] not in ("all", "train", "eval", "table", "ablation"):
+        raise SystemExit(f"unknown STAGE {C['STAGE']!r}: all, train, eval, table or ablation")
+    failures = {}
+    if C["STAGE"] in ("all", "train"):
+        for corpus in mair_config.corpora_of(tasks):
+            try:
+                train_corpus(corpus)
+            except (DataError, FileNotFoundError, ValueError) as e:
+                log.error("%s: training failed: %s", corpus, e)
+                failures[corpus] = str(e)
+    if C["STAGE"] in ("all", "eval"):
+        bm25_cache = {}
+        for task in tasks:
+            corpus = mair_config.corpus_of(task)
+            if corpus in failures:
+                continue
+            if os.path.exists(os.path.join(run_dir(), task, "metrics.json")):
+                log.info("%s: already evaluated, skipped", task)
+                continue
+            try:
+                result = evaluate_task(task, bm25_cache)
+                log.info("%s: %s", task, {m: round(v["Acc@1"] * 100, 1) for m, v in result["methods"].items()})
+            except (DataError, FileNotFoundError, ValueError) as e:
+                log.error("%s: evaluation failed: %s", task, e)
+                failures[task] = str(e)
+    if C["STAGE"] == "ablation":
+        ablation(tasks)
+    elif env_rank() == 0:
+        write_tables(tasks)
+    if failures and env_rank() == 0:
+        write_json(failures, os.path.join(run_dir(), "failures.json"))
+        log.error("failed: %s (see %s)", ", ".join(failures), os.path.join(run_dir(), "failures.json"))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""genir.py: retriever training, evaluation next to BM25, tables, bad input, the distributed path."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import genir
+import lm
+import mair_config as mc
+import metrics
+from docids import ExtractiveTeacher
+from file_io import DataError, read_json, read_jsonl, write_json, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ["PyDoc-Net", "PyCode-Dev"]
+N_DOCS = 40
+
+
+def _settings(root, tmp, tiny):
+    return {"BASE_MODEL": tiny, "MODEL_DIR": os.path.join(tmp, "models"), "OUT_DIR": os.path.join(tmp, "out"),
+            "RUN": "t", "TASKS": TASKS, "DATA_ROOT": root, "NUM_Q": 2, "DOCASQ_N": 2, "DOCASQ_WORDS": 24,
+            "LR": 3e-3, "WARMUP_RATIO": 0.0, "EPOCHS": 25, "BATCH_SIZE": 16, "MAX_LEN": 128, "RANK_EVERY": 4,
+            "GROUP_SIZE": 4, "K": 12, "EVAL_BATCH_SIZE": 64, "NUM_BEAMS": 6,
+            "ABLATION_MODES": ["greedy", "iterative_greedy", "reverse_annealed"]}
+
+
+def _make_corpus(root, demo_root):
+    """Two small corpora with teacher DocIDs and, as pseudo-queries, each document's real queries."""
+    for task in TASKS:
+        docs = read_jsonl(mc.docs_path(task, demo_root))[:N_DOCS]
+        ids = {d["id"] for d in docs}
+        queries = [q for q in read_jsonl(mc.queries_path(task, demo_root))
+                   if all(lab["id"] in ids for lab in q["labels"])]
+        write_jsonl(docs, mc.docs_path(task, root))
+        write_jsonl(queries, mc.queries_path(task, root))
+        teacher = ExtractiveTeacher([d["doc"] for d in docs])
+        write_jsonl([{"id": d["id"], "gist": teacher.docid(d["doc"])} for d in docs], mc.gist_path(task, root=root))
+        pseudo = [{"instruction": q["instruction"], "query": q["query"], "labels": [lab]}
+                  for q in queries for lab in q["labels"]]
+        write_jsonl(pseudo, mc.pseudo_queries_path(task, "QG", 2, root))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_root, tiny_model_path):
+    """Both corpora trained and evaluated once; the settings are restored afterwards."""
+    tmp = str(tmp_path_factory.mktemp("genir"))
+    root = os.path.join(tmp, "data")
+    _make_corpus(root, demo_root)
+    saved = dict(genir.C)
+    genir.C.update(_settings(root, tmp, tiny_model_path))
+    code = genir.main([])
+    yield {"tmp": tmp, "root": root, "code": code, "settings": dict(genir.C)}
+    genir.C.clear()
+    genir.C.update(saved)
+
+
+@pytest.fixture()
+def settings(trained):
+    saved = dict(genir.C)
+    genir.C.update(trained["settings"])
+    yield genir.C
+    genir.C.clear()
+    genir.C.update(saved)
+
+
+def test_training_lowers_the_loss_and_retrieves_training_queries(trained, settings):
+    assert trained["code"] == 0
+    summary = read_json(os.path.join(genir.model_dir("PyDoc-Net"), "training_complete.json"))
+    losses = [h["loss"] for h in summary["history"]]
+    assert losses[-1] < 0.5 * losses[0]
+    queries = read_jsonl(mc.pseudo_queries_path("PyDoc-Net", "QG", 2, trained["root"]))
+    for i, q in enumerate(queries):
+        q["qid"] = str(i)
+    docs = read_jsonl(mc.docs_path("PyDoc-Net", trained["root"]))
+    gists, _ = genir.load_docids("PyDoc-Net", docs)
+    model, tok = lm.load_model(genir.model_dir("PyDoc-Net"))
+    tree = genir.load_trie("PyDoc-Net", tok, docs, gists)
+    rankings = genir.decode_queries(model, tok, tree, queries, "greedy")
+    hits = sum(rankings[q["qid"]][:1] == [q["labels"][0]["id"]] for q in queries)
+    assert hits / len(queries) > 10 / N_DOCS  # chance is 1 / N_DOCS
+
+
+def test_outputs_have_every_task_and_method(trained, settings):
+    text = open(os.path.join(genir.run_dir(), "results.md"), encoding="utf-8").read()
+    for name in TASKS + list(genir.METHODS.values()) + ["Code", "MAIR avg"]:
+        assert name in text
+    for task in TASKS:
+        result = read_json(os.path.join(genir.run_dir(), task, "metrics.json"))
+        assert set(result["methods"]) == set(genir.METHODS.values())
+        assert result["queries"] == len(read_jsonl(mc.queries_path(task, trained["root"])))
+        for name in genir.METHODS:
+            run = metrics.read_trec_run(os.path.join(genir.run_dir(), task, f"{name}.run"))
+            assert len(run) == result["decoded_queries"]
+            assert all(len(docs) <= 100 for docs in run.values())
+    bm25 = read_json(os.path.join(genir.run_dir(), "PyDoc-Net", "metrics.json"))["methods"]["BM25"]["Acc@1"]
+    assert bm25 > 0.2
+
+
+def test_written_run_is_evaluated_to_hand_computed_metrics(tmp_path):
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1, "c": 1}, "q3": {"d": 1}}
+    rankings = {"q1": ["a", "x"], "q2": ["x", "c", "b"]}
+    path = str(tmp_path / "m.run")
+    metrics.write_trec_run(metrics.run_from_rankings(rankings), path, "m")
+    values, _ = metrics.evaluate(qrels, metrics.read_trec_run(path))
+    assert values["Acc@1"] == pytest.approx(1 / 3)
+    assert values["R@100"] == pytest.approx((1 + 1 + 0) / 3)
+    assert values["MAP"] == pytest.approx((1 + (1 / 2 + 2 / 3) / 2 + 0) / 3)
+
+
+def test_ranking_loss_step_runs(trained, settings):
+    docs = read_jsonl(mc.docs_path("PyDoc-Net", trained["root"]))
+    gists, _ = genir.load_docids("PyDoc-Net", docs)
+    model, tok = lm.load_model(genir.model_dir("PyDoc-Net"))
+    token = genir.rank_token_id(tok)
+    supplier = genir.rank_groups(tok, docs, gists, genir.training_queries("PyDoc-Net", docs), token)
+    assert supplier(1) is None
+    batch = supplier(0)
+    assert batch["input_ids"].shape[0] == 16 and batch["group_size"] == 4
+    loss = genir.ranknet_loss(model, batch)
+    loss.backward()
+    assert loss.item() > 0 and model.get_output_embeddings().weight.grad is not None
+
+
+def test_unknown_labels_and_empty_queries_are_reported(settings, trained):
+    path = mc.queries_path("PyDoc-Net", trained["root"])
+    rows = read_jsonl(path)
+    bad = rows + [{"qid": "x1", "instruction": "", "query": "anything", "labels": [{"id": "no.such.doc", "score": 1}]},
+                  {"qid": "x2", "instruction": "", "query": "  ", "labels": [{"id": rows[0]["labels"][0]["id"], "score": 1}]}]
+    write_jsonl(bad, path)
+    try:
+        docs = read_jsonl(mc.docs_path("PyDoc-Net", trained["root"]))
+        queries, qrels, report = genir.eval_queries("PyDoc-Net", {d["id"] for d in docs})
+        assert report["unknown_labels"] == 1 and report["empty_query"] == 1
+        assert "x1" in qrels and "x2" in qrels and "x2" not in {q["qid"] for q in queries}
+    finally:
+        write_jsonl(rows, path)
+
+
+def test_missing_docids_fail_one_corpus_and_the_others_finish(settings, trained, tmp_path):
+    genir.C.update(RUN="t-missing", MODEL_DIR=str(tmp_path / "m"), OUT_DIR=str(tmp_path / "o"), EPOCHS=1)
+    gist = mc.gist_path("PyCode-Dev", root=trained["root"])
+    rows = read_jsonl(gist)
+    os.remove(gist)
+    try:
+        assert genir.main([]) == 1
+    finally:
+        write_jsonl(rows, gist)
+    failures = read_json(os.path.join(genir.run_dir(), "failures.json"))
+    assert list(failures) == ["PyCode-Dev"] and "no DocIDs" in failures["PyCode-Dev"]
+    assert os.path.exists(os.path.join(genir.run_dir(), "PyDoc-Net", "metrics.json"))
+    assert "Not finished: PyCode-Dev" in open(os.path.join(genir.run_dir(), "results.md")).read()
+
+
+def test_docid_file_not_covering_every_document_is_counted(settings, trained):
+    docs = read_jsonl(mc.docs_path("PyDoc-Net", trained["root"]))
+    gist = mc.gist_path("PyDoc-Net", root=trained["root"])
+    rows = read_jsonl(gist)
+    write_jsonl(rows[:-3] + [{"id": "ghost", "gist": "x y"}], gist)
+    try:
+        gists, warnings = genir.load_docids("PyDoc-Net", docs)
+    finally:
+        write_jsonl(rows, gist)
+    assert len(gists) == len(docs) - 3
+    assert any("3 of 40 documents have no DocID" in w for w in warnings)
+    assert any("1 DocIDs for documents not in the corpus" in w for w in warnings)
+
+
+def test_unknown_task_is_a_clear_error(settings):
+    with pytest.raises(mc.UnknownTaskError, match="unknown task 'NoSuchTask'"):
+        genir.main(["--TASKS=['NoSuchTask']"])
+
+
+def test_ablation_writes_table_and_plots(settings, trained):
+    genir.C.update(TASKS=["PyDoc-Net"])
+    path = genir.ablation(["PyDoc-Net"])
+    text = open(path, encoding="utf-8").read()
+    for mode in genir.C["ABLATION_MODES"]:
+        assert mode in text
+    assert "significant" in text
+    for name in ("ablation.png", "schedule.png"):
+        assert os.path.getsize(os.path.join(genir.run_dir(), name)) > 1000
+    per_query = read_json(os.path.join(genir.run_dir(), "ablation_per_query.json"))
+    assert set(per_query) == set(genir.C["ABLATION_MODES"])
+    n = len(read_jsonl(mc.queries_path("PyDoc-Net", trained["root"])))
+    assert all(len(per_query[m]["Acc@1"]) == n for m in per_query)
+
+
+def test_two_process_evaluation_matches_one_process(trained, tmp_path):
+    """torchrun with 2 CPU processes splits the queries and gathers the same metrics."""
+    settings = dict(trained["settings"], OUT_DIR=str(tmp_path / "out2"), STAGE="eval", TASKS=["PyDoc-Net"],
+                    RERANK=False, DECODE_MODE="iterative_greedy")
+    one_dir = str(tmp_path / "out1")
+    genir_one = dict(settings, OUT_DIR=one_dir)
+    config = str(tmp_path / "cfg.json")
+    write_json({"genir": settings}, config)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "genir.py",
+           "--config", config]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    write_json({"genir": genir_one}, config)
+    single = subprocess.run([sys.executable, "genir.py", "--config", config], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = read_json(os.path.join(settings["OUT_DIR"], "t", "PyDoc-Net", "metrics.json"))["methods"]
+    one = read_json(os.path.join(one_dir, "t", "PyDoc-Net", "metrics.json"))["methods"]
+    assert two["ZeroGR"] == one["ZeroGR"] and two["BM25"] == one["BM25"]
