@@ -36,6 +36,7 @@ TOP_P = 0.9
 NUCLEUS_TEMPERATURE = 1.0
 MAX_RESULTS = 100     # documents per query in the ranking
 BATCH_SIZE = 32       # queries decoded together (beam search: times num_beams rows)
+COLUMN_BUDGET = 32    # generated cache columns before the cache is cropped back to the prompts
 MODES = ("greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam")
 
 
@@ -155,8 +156,9 @@ class TrieLogitsProcessor(LogitsProcessor):
 class PromptBatch:
     """Left-padded prompts encoded once; each row decodes on top of its prompt's KV cache.
 
-    `step` feeds one token per row and returns the next logits; `rewind` crops the cache back to
-    the prompts, so the next iteration starts from the same state without re-encoding.
+    `step` appends one column (one token per row) and returns the next logits; a row can mask its
+    generated columns (`forget`) to start a new DocID at once, and `rewind` crops the cache back to
+    the prompts, so DocIDs never re-encode the prompt.
     """
 
     def __init__(self, model, prompts, repeats=1):
@@ -182,7 +184,7 @@ class PromptBatch:
         self.first_logits = logits.repeat_interleave(repeats, 0)
         self.mask = mask.repeat_interleave(repeats, 0)
         self.lengths = lengths.to(device).repeat_interleave(repeats)
-        self.n_new = 0
+        self.live = self.mask[:, :0]  # which generated columns each row attends to
 
     def _forward(self, ids, mask, positions):
         kwargs = {self.cache_arg: self.cache, "use_cache": True}
@@ -191,22 +193,31 @@ class PromptBatch:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         return out.logits[:, -1].float()
 
-    def step(self, tokens):
-        """Append one token per row; returns the logits (rows, vocab) for the next position."""
-        self.n_new += 1
-        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], self.n_new)], 1)
-        positions = (self.lengths + self.n_new - 1)[:, None]
-        return self._forward(tokens[:, None], mask, positions)
+    @property
+    def n_new(self):
+        return self.live.shape[1]
+
+    def step(self, tokens, depth, feed=None):
+        """Append one token per row at position prompt length + depth (its index in the row's
+        DocID); rows where `feed` is False add a masked placeholder. Returns the next logits."""
+        column = torch.ones_like(self.lengths) if feed is None else feed.long()
+        self.live = torch.cat([self.live, column[:, None]], 1)
+        positions = (self.lengths + depth)[:, None]
+        return self._forward(tokens[:, None], torch.cat([self.mask, self.live], 1), positions)
+
+    def forget(self, rows):
+        """Mask every generated column of the rows selected by a bool tensor."""
+        self.live = self.live.masked_fill(rows[:, None], 0)
 
     def rewind(self):
         if self.n_new:
             self.cache.crop(-self.n_new)
-            self.n_new = 0
+            self.live = self.live[:, :0]
 
     def reorder(self, rows):
         """Make row i continue from row rows[i] (beam search)."""
         self.cache.reorder_cache(rows)
-        self.mask, self.lengths = self.mask[rows], self.lengths[rows]
+        self.mask, self.lengths, self.live = self.mask[rows], self.lengths[rows], self.live[rows]
 
 
 @dataclass
@@ -216,8 +227,16 @@ class Retrieval:
     ranking: list = field(default_factory=list)  # [(doc_id, score)], strictly decreasing scores
 
 
-def _sample_rounds(model, trie, prompts, temperatures, top_k, top_p, draws, generator):
-    """Leaves decoded per query: draw i at temperatures[i], each query's leaves removed as it goes."""
+def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, generator):
+    """Leaves decoded per query: its i-th DocID drawn at temperatures[i] and removed from that
+    query's tree before the next one (`draws` rows per query draw side by side when > 1).
+
+    Rows advance independently: a row that completes a DocID masks its cache columns and starts
+    its next draw at once from the cached prompt logits, so no row waits for the longest DocID in
+    the batch, and DocIDs that need no forward pass cost none. Each forward pass feeds every row
+    that has drawn a token. After COLUMN_BUDGET columns new draws pause until the running ones
+    end, and the cache is cropped back to the prompts.
+    """
     n_queries, n_draws = len(prompts), len(temperatures)
     device = trie.device
     batch = PromptBatch(model, prompts, repeats=draws)
@@ -229,40 +248,66 @@ def _sample_rounds(model, trie, prompts, temperatures, top_k, top_p, draws, gene
     processor = TrieLogitsProcessor(trie, removals=removals)
     found = torch.full((n_queries, n_draws), -1, dtype=torch.long, device=device)
     n_found = torch.zeros(n_queries, dtype=torch.long, device=device)
+    nodes = torch.zeros_like(rows)   # the root: about to start a draw
+    depth = torch.zeros_like(rows)   # tokens of the current DocID in the cache
+    tokens = torch.zeros_like(rows)  # last token drawn, fed by the next forward pass
+    row_draw = slot.clone()          # schedule index of each row's current draw
+    logits = batch.first_logits
+    draining = False
+
+    def may_start():
+        return (row_draw < n_draws) & ~removals.exhausted[row_query] & (not draining)
+
     while True:
-        draw = n_found[row_query] + slot
-        active = (draw < n_draws) & ~removals.exhausted()[row_query]
-        if not bool(active.any()):
-            break
-        processor.set_rows(temperatures[draw.clamp(max=n_draws - 1)], top_k, top_p, row_query)
-        nodes = torch.where(active, 0, -1)  # inactive rows stay off the tree: only the end token
-        finished = ~active
-        logits = batch.first_logits
-        for _ in range(trie.max_depth):
-            tokens = processor.sample(logits, nodes, generator)
-            nodes = torch.where(finished, nodes, trie.advance(nodes, tokens))
+        todo = (nodes > 0) | ((nodes == 0) & may_start())  # rows with fresh logits
+        fed = torch.zeros_like(todo)
+        while bool(todo.any()):
+            idx = torch.nonzero(todo).squeeze(1)
+            q = row_query[idx]
+            processor.set_rows(temperatures[row_draw[idx].clamp(max=n_draws - 1)], top_k, top_p, q)
+            at_root = (nodes[idx] == 0)[:, None]
+            step_logits = torch.where(at_root, batch.first_logits[idx], logits[idx])
+            drawn = processor.sample(step_logits, nodes[idx], generator)
+            reached = trie.advance(nodes[idx], drawn)
             # A complete unique prefix allows only the end token: take it without a forward pass.
-            end_child = trie.end_child(nodes)
-            nodes = torch.where(end_child >= 0, end_child, nodes)
-            finished |= trie.is_leaf(nodes)
-            if bool(finished.all()):
-                break
-            logits = batch.step(tokens)
-        batch.rewind()
-        leaf = torch.where(active & trie.is_leaf(nodes), nodes, -1)
-        keep = leaf >= 0
-        if draws > 1:  # rows of one query may meet on a leaf: keep its first draw, the others redraw
-            key = torch.where(keep, row_query * trie.n_nodes + leaf, -1 - rows)
-            unique, inverse = torch.unique(key, return_inverse=True)
-            first = torch.full_like(unique, len(rows)).scatter_reduce_(0, inverse, rows, "amin")
-            keep &= first[inverse] == rows
-        position = n_found[row_query] + keep.view(n_queries, draws).cumsum(1).view(-1) - 1
-        keep &= position < n_draws
-        if not bool(keep.any()):  # a live query always reaches a new leaf; never loop forever
-            raise RuntimeError("constrained decoding made no progress (inconsistent prefix tree)")
-        found[row_query[keep], position[keep]] = leaf[keep]
-        n_found += keep.view(n_queries, draws).sum(1)
-        removals.add(row_query[keep], leaf[keep])
+            end_child = trie.end_child(reached)
+            reached = torch.where(end_child >= 0, end_child, reached)
+            done = trie.is_leaf(reached)
+            lost = reached < 0  # another row of the query emptied this subtree (draws > 1)
+            keep = done
+            if draws > 1:  # keep a leaf new to the query, once: the other rows draw again
+                keep = keep & ~removals.is_dead(q, reached)
+                unique, inverse = torch.unique(torch.where(keep, q * trie.n_nodes + reached, -1 - idx),
+                                               return_inverse=True)
+                first = torch.full_like(unique, len(rows)).scatter_reduce_(0, inverse, idx, "amin")
+                keep &= first[inverse] == idx
+            elif bool(lost.any()):
+                raise RuntimeError("constrained decoding left the prefix tree (inconsistent tree or removals)")
+            # Rows are grouped by query, so a running count gives each kept leaf its rank.
+            kept = torch.zeros_like(todo).index_fill_(0, idx[keep], True)
+            position = (n_found[row_query] + kept.view(n_queries, draws).cumsum(1).view(-1) - 1)[idx]
+            keep &= position < n_draws
+            found[q[keep], position[keep]] = reached[keep]
+            n_found.index_add_(0, q[keep], torch.ones_like(q[keep]))
+            removals.add(q[keep], reached[keep])
+            restart = done | lost
+            nodes[idx] = torch.where(restart, 0, reached)
+            tokens[idx] = drawn
+            fed[idx] = ~restart
+            restarted = torch.zeros_like(todo).index_fill_(0, idx[restart], True)
+            depth.masked_fill_(restarted, 0)
+            row_draw = torch.where(restarted, n_found[row_query] + slot, row_draw)
+            batch.forget(restarted)
+            todo = restarted & may_start()
+        if bool(fed.any()):
+            logits = batch.step(tokens, depth, fed)
+            depth += fed.long()
+            draining = draining or batch.n_new >= COLUMN_BUDGET
+        elif batch.n_new:
+            batch.rewind()
+            draining = False
+        else:
+            break
     return [trie.leaf_index(row[row >= 0]).tolist() for row in found]
 
 
@@ -279,7 +324,7 @@ def _beam_search(model, trie, prompts, n_leaves, num_beams):
     pool_leaf = torch.full((n_queries, n_leaves), -1, dtype=torch.long, device=device)
     base = (torch.arange(n_queries, device=device) * width)[:, None]
     logits = batch.first_logits
-    for _ in range(trie.max_depth):
+    for step in range(trie.max_depth):
         logprobs = logits.log_softmax(1).masked_fill(~trie.allowed_mask(nodes), neg_inf)
         candidates = (score.view(-1, 1) + logprobs).view(n_queries, width * vocab)
         top, index = candidates.topk(min(2 * width, width * vocab), dim=1)
@@ -310,7 +355,7 @@ def _beam_search(model, trie, prompts, n_leaves, num_beams):
             break
         batch.reorder(new_source.view(-1))
         nodes = new_nodes.view(-1)
-        logits = batch.step(new_tokens.view(-1))
+        logits = batch.step(new_tokens.view(-1), step)
     return [trie.leaf_index(leaf[torch.isfinite(s)]).tolist() for leaf, s in zip(pool_leaf, pool_score)]
 
 
@@ -365,7 +410,7 @@ def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m
                 if mode == "beam":
                     found = _beam_search(model, trie, batch, K, num_beams or K)
                 else:
-                    found = _sample_rounds(model, trie, batch, temperatures, top_k, top_p, draws_per_round, generator)
+                    found = _sample_draws(model, trie, batch, temperatures, top_k, top_p, draws_per_round, generator)
                 for i, query_leaves in zip(index, found):
                     leaves[i] = query_leaves
     finally:
