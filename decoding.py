@@ -52,62 +52,67 @@ def reverse_annealed_temperatures(K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX):
     return annealed_temperature(np.arange(K), K, k, m, t_max)
 
 
-def _argmax_only(scores):
-    best = scores.argmax(1, keepdim=True)
-    return torch.full_like(scores, float("-inf")).scatter_(1, best, scores.gather(1, best))
-
-
 class RowWarper:
-    """Per-row sampling settings applied to float logits (rows, vocab): temperature (0 = greedy:
-    only the argmax keeps a finite logit), then top-k (0 = off), then top-p (1 = off). Each setting
-    is a scalar or one value per row (transformers' warpers take one scalar and refuse 0)."""
+    """Per-row sampling settings: temperature (0 = greedy: the best token, the lowest id on ties,
+    as argmax), then top-k (0 = off), then top-p (1 = off); each a scalar or one value per row
+    (transformers' warpers take one scalar and refuse 0). `pick` works on candidate lists sorted
+    best first; `__call__` and `sample` on logits over the whole vocabulary."""
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, device="cpu"):
         self.temperature = torch.as_tensor(temperature, dtype=torch.float32, device=device).reshape(-1, 1)
         self.top_k = torch.as_tensor(top_k, dtype=torch.long, device=device).reshape(-1, 1)
         self.top_p = torch.as_tensor(top_p, dtype=torch.float32, device=device).reshape(-1, 1)
-        greedy = self.temperature <= 0
-        self.all_greedy, self.any_greedy = bool(greedy.all()), bool(greedy.any())
+        self.greedy = self.temperature <= 0
+        self.all_greedy, self.any_greedy = bool(self.greedy.all()), bool(self.greedy.any())
         top_k_on = self.top_k > 0
         self.k_max = int(self.top_k.max()) if bool(top_k_on.all()) else None  # None: a row keeps every token
         self.filtered = bool(top_k_on.any()) or bool((self.top_p < 1).any())
 
-    def candidates(self, scores):
-        """(values, tokens): per row its candidate tokens, best first, with warped logits
-        (-inf where top-k / top-p drop them); rows and columns beyond a row's candidates are -inf."""
+    @staticmethod
+    def _best(values, tokens):
+        """Column of the best candidate, the lowest token id among equal values."""
+        return tokens.masked_fill(values < values[:, :1], torch.iinfo(tokens.dtype).max).argmin(1)
+
+    def filter(self, values, tokens):
+        """Scaled values of candidates sorted best first, -inf where the settings drop them."""
+        t = self.temperature
+        scaled = values / torch.where(self.greedy, 1.0, t)
+        rank = torch.arange(values.shape[1], device=values.device)
+        keep = rank < torch.where(self.top_k > 0, self.top_k, values.shape[1])
+        if self.filtered:
+            probs = scaled.masked_fill(~keep, float("-inf")).softmax(1)
+            keep = keep & ((probs.cumsum(1) - probs < self.top_p) | (rank == 0))
+        if self.any_greedy:
+            keep = torch.where(self.greedy, rank == self._best(values, tokens)[:, None], keep)
+        return scaled.masked_fill(~keep, float("-inf"))
+
+    def pick(self, values, tokens, generator=None):
+        """Column of the chosen candidate per row (candidates sorted best first, -inf padding)."""
+        if self.all_greedy:
+            return self._best(values, tokens)
+        probs = self.filter(values, tokens).softmax(1)
+        # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
+        race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+        return (probs / race).argmax(1)
+
+    def top(self, scores):
+        """(values, tokens) of full-vocabulary logits, best first, as many as the settings can keep."""
         if self.all_greedy:
             best = scores.argmax(1, keepdim=True)
             return scores.gather(1, best), best
-        t = self.temperature
-        out = scores / torch.where(t > 0, t, 1.0)
         # Masked (-inf) logits are never candidates: without top-k look only as deep as the widest row needs.
         k = min(self.k_max, scores.shape[1]) if self.k_max else int(torch.isfinite(scores).sum(1).max())
-        values, tokens = out.topk(k, dim=1)
-        rank = torch.arange(k, device=scores.device)
-        keep = rank < torch.where(self.top_k > 0, self.top_k, k)
-        if self.filtered:
-            probs = values.masked_fill(~keep, float("-inf")).softmax(1)
-            keep = keep & ((probs.cumsum(1) - probs < self.top_p) | (rank == 0))
-        if self.any_greedy:  # greedy rows: the argmax alone (first index on ties, as argmax)
-            greedy = (t <= 0).reshape(-1)
-            keep = torch.where(greedy[:, None], rank == 0, keep)
-            tokens = torch.where(greedy[:, None] & (rank == 0), scores.argmax(1, keepdim=True), tokens)
-        return values.masked_fill(~keep, float("-inf")), tokens
+        return scores.topk(k, dim=1)
 
     def __call__(self, scores):
-        """Warped logits over the whole vocabulary (-inf outside the candidates)."""
-        values, tokens = self.candidates(scores)
-        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, values)
+        """Warped logits over the whole vocabulary (-inf outside the kept candidates)."""
+        values, tokens = self.top(scores)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, self.filter(values, tokens))
 
     def sample(self, scores, generator=None):
-        """One token per row: the argmax for greedy settings, else a draw from the candidates."""
-        values, tokens = self.candidates(scores)
-        if self.all_greedy:
-            return tokens[:, 0]
-        probs = values.softmax(1)
-        # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
-        race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
-        return tokens.gather(1, (probs / race).argmax(1, keepdim=True)).squeeze(1)
+        """One token per row drawn from full-vocabulary logits."""
+        values, tokens = self.top(scores)
+        return tokens.gather(1, self.pick(values, tokens, generator)[:, None]).squeeze(1)
 
 
 class TrieLogitsProcessor(LogitsProcessor):
@@ -227,6 +232,59 @@ class Retrieval:
     ranking: list = field(default_factory=list)  # [(doc_id, score)], strictly decreasing scores
 
 
+class _RootCandidates:
+    """Each row's root children ordered by its prompt logits, best first, computed once per batch:
+    a draw at the root takes the first live ones instead of scanning the vocabulary. Each draw
+    kills at most one root child, so `depth` = top-k + draws always leaves top-k live ones."""
+
+    def __init__(self, trie, first_logits, depth=None):
+        start, end = int(trie.child_ptr[0]), int(trie.child_ptr[1])
+        tokens = trie.token[start:end].long()
+        depth = end - start if depth is None else min(depth, end - start)
+        self.values, order = first_logits[:, tokens].topk(depth, dim=1)
+        self.children = order + start
+
+
+def _live_candidates(trie, removals, roots, logits, rows, queries, nodes, width=None):
+    """(values, children): for each row, the live children of its node (for its query) and their
+    logits, best first, at most `width` (None: all), padded with -inf / -1. Rows at the root use
+    `roots`; the others gather their logits at their children only."""
+    n, device, neg_inf = len(rows), logits.device, float("-inf")
+    at_root = nodes == 0
+    parts = []
+    r = torch.nonzero(at_root).squeeze(1)
+    if r.numel():
+        child = roots.children[rows[r]]
+        live = ~removals.is_dead(queries[r, None].expand_as(child), child)
+        w = child.shape[1] if width is None else min(width, child.shape[1])
+        rank = live.cumsum(1) - 1
+        col = torch.where(live & (rank < w), rank, w)  # the extra column takes the dropped ones
+        values = torch.full((len(r), w + 1), neg_inf, device=device).scatter_(1, col, roots.values[rows[r]])
+        children = torch.full((len(r), w + 1), -1, device=device).scatter_(1, col, child)
+        parts.append((r, values[:, :w], children[:, :w]))
+    o = torch.nonzero(~at_root).squeeze(1)
+    if o.numel():
+        row, child = trie.children(nodes[o])
+        live = ~removals.is_dead(queries[o][row], child)
+        row, child = row[live], child[live]
+        count = torch.bincount(row, minlength=len(o))
+        w = int(count.max())
+        offset = torch.arange(len(row), device=device) - (count.cumsum(0) - count)[row]
+        values = torch.full((len(o), w), neg_inf, device=device)
+        values[row, offset] = logits[rows[o][row], trie.token[child].long()]
+        children = torch.full((len(o), w), -1, device=device)
+        children[row, offset] = child
+        values, order = values.topk(w if width is None else min(width, w), dim=1)
+        parts.append((o, values, children.gather(1, order)))
+    w = max(1, *(part[1].shape[1] for part in parts))  # a row without live children keeps one -inf
+    out_values = torch.full((n, w), neg_inf, device=device)
+    out_children = torch.full((n, w), -1, dtype=torch.long, device=device)
+    for index, values, children in parts:
+        out_values[index, :values.shape[1]] = values
+        out_children[index, :children.shape[1]] = children
+    return out_values, out_children
+
+
 def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, generator):
     """Leaves decoded per query: its i-th DocID drawn at temperatures[i] and removed from that
     query's tree before the next one (`draws` rows per query draw side by side when > 1).
@@ -235,7 +293,8 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, gener
     its next draw at once from the cached prompt logits, so no row waits for the longest DocID in
     the batch, and DocIDs that need no forward pass cost none. Each forward pass feeds every row
     that has drawn a token. After COLUMN_BUDGET columns new draws pause until the running ones
-    end, and the cache is cropped back to the prompts.
+    end, and the cache is cropped back to the prompts. Candidates are the live children of each
+    row's node only: no step scans the vocabulary.
     """
     n_queries, n_draws = len(prompts), len(temperatures)
     device = trie.device
@@ -245,7 +304,7 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, gener
     slot = torch.arange(draws, device=device).repeat(n_queries)
     rows = torch.arange(n_queries * draws, device=device)
     temperatures = torch.as_tensor(temperatures, dtype=torch.float32, device=device)
-    processor = TrieLogitsProcessor(trie, removals=removals)
+    roots = _RootCandidates(trie, batch.first_logits, top_k + n_draws if top_k else None)
     found = torch.full((n_queries, n_draws), -1, dtype=torch.long, device=device)
     n_found = torch.zeros(n_queries, dtype=torch.long, device=device)
     nodes = torch.zeros_like(rows)   # the root: about to start a draw
@@ -264,19 +323,20 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, gener
         while bool(todo.any()):
             idx = torch.nonzero(todo).squeeze(1)
             q = row_query[idx]
-            processor.set_rows(temperatures[row_draw[idx].clamp(max=n_draws - 1)], top_k, top_p, q)
-            at_root = (nodes[idx] == 0)[:, None]
-            step_logits = torch.where(at_root, batch.first_logits[idx], logits[idx])
-            drawn = processor.sample(step_logits, nodes[idx], generator)
-            reached = trie.advance(nodes[idx], drawn)
+            warper = RowWarper(temperatures[row_draw[idx].clamp(max=n_draws - 1)], top_k, top_p, device)
+            values, children = _live_candidates(trie, removals, roots, logits, idx, q, nodes[idx], warper.k_max)
+            candidate_tokens = trie.token[children.clamp(min=0)].long()
+            pick = warper.pick(values, candidate_tokens, generator)[:, None]
+            drawn = candidate_tokens.gather(1, pick).squeeze(1)
+            # No live child: another row of the query emptied this subtree (draws > 1).
+            lost = ~torch.isfinite(values[:, 0])
+            reached = torch.where(lost, -1, children.gather(1, pick).squeeze(1))
             # A complete unique prefix allows only the end token: take it without a forward pass.
             end_child = trie.end_child(reached)
             reached = torch.where(end_child >= 0, end_child, reached)
             done = trie.is_leaf(reached)
-            lost = reached < 0  # another row of the query emptied this subtree (draws > 1)
             keep = done
             if draws > 1:  # keep a leaf new to the query, once: the other rows draw again
-                keep = keep & ~removals.is_dead(q, reached)
                 unique, inverse = torch.unique(torch.where(keep, q * trie.n_nodes + reached, -1 - idx),
                                                return_inverse=True)
                 first = torch.full_like(unique, len(rows)).scatter_reduce_(0, inverse, idx, "amin")
@@ -292,7 +352,7 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, gener
             removals.add(q[keep], reached[keep])
             restart = done | lost
             nodes[idx] = torch.where(restart, 0, reached)
-            tokens[idx] = drawn
+            tokens[idx] = drawn.clamp(min=0)  # a lost row feeds a masked placeholder
             fed[idx] = ~restart
             restarted = torch.zeros_like(todo).index_fill_(0, idx[restart], True)
             depth.masked_fill_(restarted, 0)

@@ -374,12 +374,19 @@ class DeviceTrie:
         self.n_nodes = tree.n_nodes
         for name in ("parent", "token", "child_ptr", "edge_key", "leaf_count", "leaf_node"):
             setattr(self, name, _to_torch(getattr(tree, name), self.device))
+        # Nodes are numbered level by level: level d + 1 holds the children of level d.
+        level_start = [0, 1]
+        while level_start[-1] > level_start[-2]:
+            level_start.append(int(tree.child_ptr[level_start[-1]]))
+        self.level_start = torch.as_tensor(level_start[:-1], dtype=torch.long, device=self.device)
         fanout = np.diff(tree.child_ptr)
         hot = np.union1d([0], np.flatnonzero(fanout >= HOT_FANOUT))
         self.hot_nodes = torch.as_tensor(hot, dtype=torch.long, device=self.device)
         rows = np.repeat(np.arange(hot.size), fanout[hot])
         cols = np.concatenate([tree.token[tree.child_ptr[h]:tree.child_ptr[h + 1]] for h in hot])
-        self.dense = torch.zeros(hot.size, vocab_size, dtype=torch.bool, device=self.device)
+        # Dense rows of the hot nodes, then an empty row for every other node; the extra column
+        # takes the writes that must not land (see allowed_mask).
+        self.dense = torch.zeros(hot.size + 1, vocab_size + 1, dtype=torch.bool, device=self.device)
         self.dense[torch.as_tensor(rows, device=self.device), torch.as_tensor(cols, dtype=torch.long, device=self.device)] = True
 
     def advance(self, nodes, tokens):
@@ -439,9 +446,7 @@ class DeviceTrie:
             raise ValueError("row_query (the query of each row) is required with removals")
         n_rows, vocab = nodes.shape[0], self.vocab_size
         pos, hot = self.hot_index(nodes)
-        # One spare column absorbs the writes that must not land, so writes never conflict.
-        allowed = torch.zeros(n_rows, vocab + 1, dtype=torch.bool, device=nodes.device)
-        allowed[:, :vocab] = self.dense[pos] & hot[:, None]
+        allowed = self.dense[torch.where(hot, pos, len(self.hot_nodes))]  # (rows, vocab + 1)
         rows, child = self.children(nodes, ~hot)
         tokens = self.token[child].long()
         if removals is not None:
@@ -451,16 +456,20 @@ class DeviceTrie:
             rows, entry = _rows_of(row_query, removals.hot_query)
             hit = nodes[rows] == removals.hot_parent[entry]
             allowed[rows, torch.where(hit, removals.hot_token[entry], vocab)] = False
-        none = ~allowed[:, :vocab].any(1)
+        allowed[:, vocab] = False
+        none = ~allowed.any(1)
         allowed[torch.arange(n_rows, device=nodes.device), torch.where(none, self.end_id, vocab)] = True
         return allowed[:, :vocab]
+
+    def depth(self, nodes):
+        return torch.searchsorted(self.level_start, nodes, right=True) - 1
 
     def path_nodes(self, leaf_nodes):
         """(row, node) pairs of every node on each leaf's path, root included."""
         rows, nodes = [], []
         index = torch.arange(len(leaf_nodes), device=leaf_nodes.device)
         cur = leaf_nodes
-        for _ in range(self.max_depth + 1):
+        for _ in range(int(self.depth(leaf_nodes).max()) + 1):
             keep = cur >= 0
             rows.append(index[keep])
             nodes.append(cur[keep])
@@ -487,6 +496,8 @@ class Removals:
 
     def add(self, queries, leaf_nodes):
         """Remove one leaf per entry (each (query, leaf) at most once overall)."""
+        if leaf_nodes.numel() == 0:
+            return
         m = self.trie.n_nodes
         rows, nodes = self.trie.path_nodes(leaf_nodes)
         touched, count = torch.unique(queries[rows] * m + nodes, return_counts=True)
