@@ -1,16 +1,19 @@
 """Batched trie-constrained decoding of DocIDs: the logits processor and the reverse-annealed decoder.
 
-For a batch of queries the prompts are encoded once (left padding); every iteration then decodes
-one DocID per query under the prefix tree, with that query's already decoded leaves removed, and
-the KV cache is cropped back to the prompts afterwards instead of re-encoding them. Iteration i
-samples at temperature t_i of the reverse-annealed schedule (t_0 = 0: the first DocID is greedy),
-with per-row top-k / top-p, so rows of different queries share one forward pass.
+A query's DocIDs are drawn one after another under the prefix tree, each removed from that
+query's tree before the next draw (sampling without replacement); draw i uses temperature t_i of
+the reverse-annealed schedule (t_0 = 0: the first DocID is greedy) with top-k / top-p. Here many
+queries decode together: their prompts are encoded once (left padding) and every DocID continues
+from the prompt's KV cache instead of re-encoding it; each row carries its own temperature and
+removal state, and rows advance independently, so a short DocID never waits for a long one.
+For greedy settings the result equals one `generate` call per DocID and query.
 
     results = decode(model, tree, prompts)           # prompts: chat-encoded token-id lists
     results[q].ranking                                # [(doc_id, 1/rank)], at most MAX_RESULTS
     results[q].leaves                                 # decoded leaves, in order
 
 Modes (the decoding ablation): greedy, iterative_greedy, nucleus, reverse_annealed (default), beam.
+`TrieLogitsProcessor` applies the same constraint inside transformers `generate`.
 """
 import inspect
 import logging
@@ -438,7 +441,7 @@ def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m
     "iterative_greedy" (K greedy draws), "nucleus" (K draws at `temperature`), "reverse_annealed"
     (draw i at t_i of the schedule (K, k, m, t_max)), all without replacement and with top_k /
     top_p on sampled draws; "beam" (beam search with num_beams, default K, returning up to K leaves
-    by sequence log-prob). draws_per_round > 1 decodes that many draws per query in one pass (a
+    by sequence log-prob). draws_per_round > 1 lets that many rows per query draw side by side (a
     faster approximation; 1 is exact). Each leaf expands to all its documents, cut at max_results.
     """
     if mode not in MODES:
