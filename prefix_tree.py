@@ -208,7 +208,8 @@ class PrefixTree:
         starts = np.cumsum(lengths) - lengths
         if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 31 - 1):
             bad = np.flatnonzero((tokens < 0) | (tokens >= 2 ** 31 - 1))
-            raise ValueError(f"token ids out of range in the DocID of {_names(doc_ids, np.searchsorted(starts, bad, 'right') - 1)}")
+            owners = np.searchsorted(starts, bad, "right") - 1
+            raise ValueError(f"token ids out of range in the DocID of {_names(doc_ids, np.unique(owners))}")
         with_end = np.flatnonzero(tokens == end_id)
         if with_end.size:
             raise ValueError(f"the end token {end_id} occurs inside the DocID of "
@@ -255,10 +256,10 @@ class PrefixTree:
         del perm, rep, leaf_order, sizes
         doc_id_ptr, doc_id_bytes = _pack_strings(id_array[slot_doc])
         stats.update(docs=n, leaves=n_paths, nodes=n_nodes)
-        arrays = {"parent": parent, "token": token, "child_ptr": np.searchsorted(parent[1:], np.arange(n_nodes + 1)) + 1,
-                  "edge_key": edge_key, "leaf_count": _leaf_counts(parent, leaf_node, level_start),
-                  "leaf_node": leaf_node, "leaf_doc_ptr": leaf_doc_ptr,
-                  "doc_id_ptr": doc_id_ptr, "doc_id_bytes": doc_id_bytes}
+        child_ptr = np.searchsorted(parent[1:], np.arange(n_nodes + 1)) + 1  # parents are sorted
+        arrays = {"parent": parent, "token": token, "child_ptr": child_ptr, "edge_key": edge_key,
+                  "leaf_count": _leaf_counts(parent, leaf_node, level_start), "leaf_node": leaf_node,
+                  "leaf_doc_ptr": leaf_doc_ptr, "doc_id_ptr": doc_id_ptr, "doc_id_bytes": doc_id_bytes}
         arrays = {name: np.ascontiguousarray(x, dtype=ARRAYS[name]) for name, x in arrays.items()}
         max_depth = len(level_start) - 2
         log.info("prefix tree: %d documents, %d leaves, %d nodes, depth %d", n, n_paths, n_nodes, max_depth)
@@ -387,7 +388,8 @@ class DeviceTrie:
         # Dense rows of the hot nodes, then an empty row for every other node; the extra column
         # takes the writes that must not land (see allowed_mask).
         self.dense = torch.zeros(hot.size + 1, vocab_size + 1, dtype=torch.bool, device=self.device)
-        self.dense[torch.as_tensor(rows, device=self.device), torch.as_tensor(cols, dtype=torch.long, device=self.device)] = True
+        self.dense[torch.as_tensor(rows, device=self.device),
+                   torch.as_tensor(cols, dtype=torch.long, device=self.device)] = True
 
     def advance(self, nodes, tokens):
         """Child of each node along each token; -1 where the row is or goes off the tree."""
@@ -427,7 +429,8 @@ class DeviceTrie:
         if include is not None:
             count = torch.where(include, count, 0)
         rows = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), count)
-        offset = torch.arange(rows.numel(), device=nodes.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        first = torch.repeat_interleave(count.cumsum(0) - count, count)
+        offset = torch.arange(rows.numel(), device=nodes.device) - first
         return rows, self.child_ptr[nodes.clamp(min=0)][rows] + offset
 
     def hot_index(self, nodes):
