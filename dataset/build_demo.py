@@ -14,14 +14,14 @@ documents. The output depends only on the Python version.
 """
 import argparse
 import ast
-import importlib
+import importlib.util
 import inspect
 import logging
 import re
 import sys
 import textwrap
 import time
-import warnings
+import tokenize
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -113,56 +113,72 @@ def strip_docstring(source):
     return "\n".join(line.rstrip() for line in kept if line.strip()) + "\n"
 
 
+_ACCESSORS = {"property", "setter", "getter", "deleter", "overload", "cached_property"}
+
+
+def _is_accessor(node):
+    names = {ast.unparse(d).split(".")[-1].split("(")[0] for d in node.decorator_list}
+    return bool(names & _ACCESSORS)
+
+
+def _public_defs(body, kinds):
+    """Public definitions of a module or class body by name (a later definition replaces an earlier one)."""
+    defs = {}
+    for node in body:
+        if isinstance(node, kinds) and not node.name.startswith("_"):
+            defs[node.name] = node
+    return defs
+
+
+def _source_file(module_name):
+    spec = importlib.util.find_spec(module_name)
+    if spec is None:
+        return None
+    if (spec.origin or "").endswith(".py"):
+        return spec.origin
+    path = getattr(importlib.import_module(module_name), "__file__", None)  # frozen stdlib modules
+    return path if path and path.endswith(".py") else None
+
+
 def iter_functions(module_name):
-    """(qualified name, function) for public documented functions and methods defined in the module."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            log.warning("module %s is not available on this Python; skipped", module_name)
-            return
-    seen = set()
-    for name in sorted(vars(module)):
-        obj = vars(module)[name]
-        if name.startswith("_"):
-            continue
-        if inspect.isfunction(obj) and obj.__module__ == module_name:
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                yield f"{module_name}.{name}", obj
-        elif inspect.isclass(obj) and obj.__module__ == module_name and obj.__name__ == name:
-            for meth_name in sorted(vars(obj)):
-                meth = vars(obj)[meth_name]
-                if isinstance(meth, (staticmethod, classmethod)):
-                    meth = meth.__func__
-                if (meth_name.startswith("_") or not inspect.isfunction(meth) or id(meth) in seen
-                        or meth.__module__ != module_name):  # skip methods patched in by other libraries
-                    continue
-                seen.add(id(meth))
-                yield f"{module_name}.{name}.{meth_name}", meth
+    """(qualified name, function node, source lines) for the public functions and methods of a module.
+
+    Read statically from the module's source file, so the corpus does not depend on what other
+    libraries have imported or patched at run time.
+    """
+    path = _source_file(module_name)
+    if path is None:
+        log.warning("module %s has no Python source on this installation; skipped", module_name)
+        return
+    with tokenize.open(path) as f:
+        source = f.read()
+    lines = source.splitlines()
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    top = _public_defs(ast.parse(source).body, functions + (ast.ClassDef,))
+    for name in sorted(top):
+        node = top[name]
+        if isinstance(node, ast.ClassDef):
+            methods = _public_defs(node.body, functions)
+            for meth in sorted(methods):
+                if not _is_accessor(methods[meth]):
+                    yield f"{module_name}.{name}.{meth}", methods[meth], lines
+        elif not _is_accessor(node):
+            yield f"{module_name}.{name}", node, lines
 
 
-def _function_node(func):
-    node = ast.parse(textwrap.dedent(inspect.getsource(func))).body[0]
-    return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+def function_source(node, lines):
+    """Dedented source of a function definition, decorators included."""
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    return textwrap.dedent("\n".join(lines[first - 1:node.end_lineno])) + "\n"
 
 
-def source_signature(func):
-    """Signature as written in the source (default values as code, not as run-time reprs)."""
-    node = _function_node(func)
-    if node is None:
-        raise ValueError(f"no function definition for {func!r}")
-    returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
-    return f"({ast.unparse(node.args)}){returns}"
-
-
-def make_document(kind, qualified, func, rest):
+def make_document(kind, qualified, node, lines, rest):
+    if kind == DOC_LOOKUP:
+        returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+        return f"{qualified}({ast.unparse(node.args)}){returns}\n{rest}".strip()
     try:
-        if kind == DOC_LOOKUP:
-            return f"{qualified}{source_signature(func)}\n{rest}".strip()
-        return strip_docstring(inspect.getsource(func))
-    except (OSError, TypeError, ValueError, SyntaxError, IndentationError):
+        return strip_docstring(function_source(node, lines))
+    except SyntaxError:
         return None
 
 
@@ -171,13 +187,14 @@ def build_task(task, max_docs):
     kind, modules, instruction = DEMO_TASKS[task]
     docs, by_query = [], {}
     for module_name in modules:
-        for qualified, func in iter_functions(module_name):
-            if not func.__doc__:
+        for qualified, node, lines in iter_functions(module_name):
+            docstring = ast.get_docstring(node, clean=False)
+            if not docstring:
                 continue
-            query, rest = split_first_sentence(func.__doc__)
+            query, rest = split_first_sentence(docstring)
             if not (MIN_QUERY_WORDS <= len(query.split()) <= MAX_QUERY_WORDS) or not query[0].isalpha():
                 continue
-            doc = make_document(kind, qualified, func, rest)
+            doc = make_document(kind, qualified, node, lines, rest)
             if not doc:
                 continue
             docs.append({"id": qualified, "doc": doc})
