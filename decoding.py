@@ -309,16 +309,18 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, gener
     temperatures = torch.as_tensor(temperatures, dtype=torch.float32, device=device)
     roots = _RootCandidates(trie, batch.first_logits, top_k + n_draws if top_k else None)
     found = torch.full((n_queries, n_draws), -1, dtype=torch.long, device=device)
+    found_draw = torch.full((n_queries, n_draws), torch.iinfo(torch.long).max, device=device)
     n_found = torch.zeros(n_queries, dtype=torch.long, device=device)
     nodes = torch.zeros_like(rows)   # the root: about to start a draw
     depth = torch.zeros_like(rows)   # tokens of the current DocID in the cache
     tokens = torch.zeros_like(rows)  # last token drawn, fed by the next forward pass
-    row_draw = slot.clone()          # schedule index of each row's current draw
+    row_draw = slot.clone()          # index of each row's current draw among its query's draws
+    next_draw = torch.full_like(n_found, draws)
     logits = batch.first_logits
     draining = False
 
     def may_start():
-        return (row_draw < n_draws) & ~removals.exhausted[row_query] & (not draining)
+        return (n_found[row_query] < n_draws) & ~removals.exhausted[row_query] & (not draining)
 
     while True:
         todo = (nodes > 0) | ((nodes == 0) & may_start())  # rows with fresh logits
@@ -351,6 +353,7 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, gener
             position = (n_found[row_query] + kept.view(n_queries, draws).cumsum(1).view(-1) - 1)[idx]
             keep &= position < n_draws
             found[q[keep], position[keep]] = reached[keep]
+            found_draw[q[keep], position[keep]] = row_draw[idx[keep]]
             n_found.index_add_(0, q[keep], torch.ones_like(q[keep]))
             removals.add(q[keep], reached[keep])
             restart = done | lost
@@ -359,7 +362,10 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, gener
             fed[idx] = ~restart
             restarted = torch.zeros_like(todo).index_fill_(0, idx[restart], True)
             depth.masked_fill_(restarted, 0)
-            row_draw = torch.where(restarted, n_found[row_query] + slot, row_draw)
+            # The next draw indices of the query; with draws > 1 a lost or repeated draw leaves a gap.
+            rank = restarted.view(n_queries, draws).cumsum(1).view(-1) - 1
+            row_draw = torch.where(restarted, next_draw[row_query] + rank, row_draw)
+            next_draw += restarted.view(n_queries, draws).sum(1)
             batch.forget(restarted)
             todo = restarted & may_start()
         if bool(fed.any()):
@@ -371,6 +377,8 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, gener
             draining = False
         else:
             break
+    # Rank by draw (the order of the schedule), not by the time a draw completed.
+    found = found.gather(1, found_draw.argsort(dim=1, stable=True))
     return [trie.leaf_index(row[row >= 0]).tolist() for row in found]
 
 
