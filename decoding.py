@@ -129,7 +129,9 @@ class TrieLogitsProcessor(LogitsProcessor):
     `logits_processor=LogitsProcessorList([processor])` and either `do_sample=False` (greedy) or
     `do_sample=True, temperature=1.0, top_k=0, top_p=1.0` so that its own warpers are no-ops.
     Each call re-walks the generated suffix from the root, so reordered beams and finished rows
-    (padded after the end token) are handled. `decode` calls `process` with the nodes it tracks.
+    (padded after the end token) are handled. A loop that tracks its rows' trie nodes calls
+    `process` or `sample` with them; `decode` works on the same trie and removal state through
+    per-node candidate lists (`_live_candidates`), which never touch the whole vocabulary.
     """
 
     supports_continuous_batching = False
