@@ -370,7 +370,8 @@ class DeviceTrie:
         if tree.key_base > vocab_size:
             raise ValueError(f"the prefix tree uses token ids up to {tree.key_base - 1}, "
                              f"beyond the model's vocabulary of {vocab_size}")
-        self.tree, self.vocab_size, self.device = tree, vocab_size, torch.device(device)
+        self.tree, self.vocab_size = tree, vocab_size
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", comparable to model.device
         self.end_id, self.key_base, self.max_depth = tree.end_id, tree.key_base, tree.max_depth
         self.n_nodes = tree.n_nodes
         for name in ("parent", "token", "child_ptr", "edge_key", "leaf_count", "leaf_node"):
