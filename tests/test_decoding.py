@@ -98,6 +98,12 @@ def test_reverse_annealed_at_zero_temperature_matches_reference(setup, reference
     assert paths_of(setup.tree, results) == reference
 
 
+def test_frequent_cache_crops_do_not_change_results(setup, reference, monkeypatch):
+    monkeypatch.setattr(decoding, "COLUMN_BUDGET", 2)
+    results = decode(setup.model, setup.tree, setup.prompts, mode="iterative_greedy", K=K, progress=False)
+    assert paths_of(setup.tree, results) == reference
+
+
 def test_greedy_is_the_first_reference_docid(setup, reference):
     results = decode(setup.model, setup.tree, setup.prompts, mode="greedy", progress=False)
     assert paths_of(setup.tree, results) == [r[:1] for r in reference]
