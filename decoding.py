@@ -1,16 +1,19 @@
 """Batched trie-constrained decoding of DocIDs: the logits processor and the reverse-annealed decoder.
 
-For a batch of queries the prompts are encoded once (left padding); every iteration then decodes
-one DocID per query under the prefix tree, with that query's already decoded leaves removed, and
-the KV cache is cropped back to the prompts afterwards instead of re-encoding them. Iteration i
-samples at temperature t_i of the reverse-annealed schedule (t_0 = 0: the first DocID is greedy),
-with per-row top-k / top-p, so rows of different queries share one forward pass.
+A query's DocIDs are drawn one after another under the prefix tree, each removed from that
+query's tree before the next draw (sampling without replacement); draw i uses temperature t_i of
+the reverse-annealed schedule (t_0 = 0: the first DocID is greedy) with top-k / top-p. Here many
+queries decode together: their prompts are encoded once (left padding) and every DocID continues
+from the prompt's KV cache instead of re-encoding it; each row carries its own temperature and
+removal state, and rows advance independently, so a short DocID never waits for a long one.
+For greedy settings the result equals one `generate` call per DocID and query.
 
     results = decode(model, tree, prompts)           # prompts: chat-encoded token-id lists
     results[q].ranking                                # [(doc_id, 1/rank)], at most MAX_RESULTS
     results[q].leaves                                 # decoded leaves, in order
 
 Modes (the decoding ablation): greedy, iterative_greedy, nucleus, reverse_annealed (default), beam.
+`TrieLogitsProcessor` applies the same constraint inside transformers `generate`.
 """
 import inspect
 import logging
@@ -36,6 +39,7 @@ TOP_P = 0.9
 NUCLEUS_TEMPERATURE = 1.0
 MAX_RESULTS = 100     # documents per query in the ranking
 BATCH_SIZE = 32       # queries decoded together (beam search: times num_beams rows)
+COLUMN_BUDGET = 32    # generated cache columns before the cache is cropped back to the prompts
 MODES = ("greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam")
 
 
@@ -51,62 +55,67 @@ def reverse_annealed_temperatures(K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX):
     return annealed_temperature(np.arange(K), K, k, m, t_max)
 
 
-def _argmax_only(scores):
-    best = scores.argmax(1, keepdim=True)
-    return torch.full_like(scores, float("-inf")).scatter_(1, best, scores.gather(1, best))
-
-
 class RowWarper:
-    """Per-row sampling settings applied to float logits (rows, vocab): temperature (0 = greedy:
-    only the argmax keeps a finite logit), then top-k (0 = off), then top-p (1 = off). Each setting
-    is a scalar or one value per row (transformers' warpers take one scalar and refuse 0)."""
+    """Per-row sampling settings: temperature (0 = greedy: the best token, the lowest id on ties,
+    as argmax), then top-k (0 = off), then top-p (1 = off); each a scalar or one value per row
+    (transformers' warpers take one scalar and refuse 0). `pick` works on candidate lists sorted
+    best first; `__call__` and `sample` on logits over the whole vocabulary."""
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, device="cpu"):
         self.temperature = torch.as_tensor(temperature, dtype=torch.float32, device=device).reshape(-1, 1)
         self.top_k = torch.as_tensor(top_k, dtype=torch.long, device=device).reshape(-1, 1)
         self.top_p = torch.as_tensor(top_p, dtype=torch.float32, device=device).reshape(-1, 1)
-        greedy = self.temperature <= 0
-        self.all_greedy, self.any_greedy = bool(greedy.all()), bool(greedy.any())
+        self.greedy = self.temperature <= 0
+        self.all_greedy, self.any_greedy = bool(self.greedy.all()), bool(self.greedy.any())
         top_k_on = self.top_k > 0
         self.k_max = int(self.top_k.max()) if bool(top_k_on.all()) else None  # None: a row keeps every token
         self.filtered = bool(top_k_on.any()) or bool((self.top_p < 1).any())
 
-    def candidates(self, scores):
-        """(values, tokens): per row its candidate tokens, best first, with warped logits
-        (-inf where top-k / top-p drop them); rows and columns beyond a row's candidates are -inf."""
+    @staticmethod
+    def _best(values, tokens):
+        """Column of the best candidate, the lowest token id among equal values."""
+        return tokens.masked_fill(values < values[:, :1], torch.iinfo(tokens.dtype).max).argmin(1)
+
+    def filter(self, values, tokens):
+        """Scaled values of candidates sorted best first, -inf where the settings drop them."""
+        t = self.temperature
+        scaled = values / torch.where(self.greedy, 1.0, t)
+        rank = torch.arange(values.shape[1], device=values.device)
+        keep = rank < torch.where(self.top_k > 0, self.top_k, values.shape[1])
+        if self.filtered:
+            probs = scaled.masked_fill(~keep, float("-inf")).softmax(1)
+            keep = keep & ((probs.cumsum(1) - probs < self.top_p) | (rank == 0))
+        if self.any_greedy:
+            keep = torch.where(self.greedy, rank == self._best(values, tokens)[:, None], keep)
+        return scaled.masked_fill(~keep, float("-inf"))
+
+    def pick(self, values, tokens, generator=None):
+        """Column of the chosen candidate per row (candidates sorted best first, -inf padding)."""
+        if self.all_greedy:
+            return self._best(values, tokens)
+        probs = self.filter(values, tokens).softmax(1)
+        # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
+        race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+        return (probs / race).argmax(1)
+
+    def top(self, scores):
+        """(values, tokens) of full-vocabulary logits, best first, as many as the settings can keep."""
         if self.all_greedy:
             best = scores.argmax(1, keepdim=True)
             return scores.gather(1, best), best
-        t = self.temperature
-        out = scores / torch.where(t > 0, t, 1.0)
         # Masked (-inf) logits are never candidates: without top-k look only as deep as the widest row needs.
         k = min(self.k_max, scores.shape[1]) if self.k_max else int(torch.isfinite(scores).sum(1).max())
-        values, tokens = out.topk(k, dim=1)
-        rank = torch.arange(k, device=scores.device)
-        keep = rank < torch.where(self.top_k > 0, self.top_k, k)
-        if self.filtered:
-            probs = values.masked_fill(~keep, float("-inf")).softmax(1)
-            keep = keep & ((probs.cumsum(1) - probs < self.top_p) | (rank == 0))
-        if self.any_greedy:  # greedy rows: the argmax alone (first index on ties, as argmax)
-            greedy = (t <= 0).reshape(-1)
-            keep = torch.where(greedy[:, None], rank == 0, keep)
-            tokens = torch.where(greedy[:, None] & (rank == 0), scores.argmax(1, keepdim=True), tokens)
-        return values.masked_fill(~keep, float("-inf")), tokens
+        return scores.topk(k, dim=1)
 
     def __call__(self, scores):
-        """Warped logits over the whole vocabulary (-inf outside the candidates)."""
-        values, tokens = self.candidates(scores)
-        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, values)
+        """Warped logits over the whole vocabulary (-inf outside the kept candidates)."""
+        values, tokens = self.top(scores)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, self.filter(values, tokens))
 
     def sample(self, scores, generator=None):
-        """One token per row: the argmax for greedy settings, else a draw from the candidates."""
-        values, tokens = self.candidates(scores)
-        if self.all_greedy:
-            return tokens[:, 0]
-        probs = values.softmax(1)
-        # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
-        race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
-        return tokens.gather(1, (probs / race).argmax(1, keepdim=True)).squeeze(1)
+        """One token per row drawn from full-vocabulary logits."""
+        values, tokens = self.top(scores)
+        return tokens.gather(1, self.pick(values, tokens, generator)[:, None]).squeeze(1)
 
 
 class TrieLogitsProcessor(LogitsProcessor):
@@ -120,7 +129,9 @@ class TrieLogitsProcessor(LogitsProcessor):
     `logits_processor=LogitsProcessorList([processor])` and either `do_sample=False` (greedy) or
     `do_sample=True, temperature=1.0, top_k=0, top_p=1.0` so that its own warpers are no-ops.
     Each call re-walks the generated suffix from the root, so reordered beams and finished rows
-    (padded after the end token) are handled. `decode` calls `process` with the nodes it tracks.
+    (padded after the end token) are handled. A loop that tracks its rows' trie nodes calls
+    `process` or `sample` with them; `decode` works on the same trie and removal state through
+    per-node candidate lists (`_live_candidates`), which never touch the whole vocabulary.
     """
 
     supports_continuous_batching = False
@@ -155,8 +166,9 @@ class TrieLogitsProcessor(LogitsProcessor):
 class PromptBatch:
     """Left-padded prompts encoded once; each row decodes on top of its prompt's KV cache.
 
-    `step` feeds one token per row and returns the next logits; `rewind` crops the cache back to
-    the prompts, so the next iteration starts from the same state without re-encoding.
+    `step` appends one column (one token per row) and returns the next logits; a row can mask its
+    generated columns (`forget`) to start a new DocID at once, and `rewind` crops the cache back to
+    the prompts, so DocIDs never re-encode the prompt.
     """
 
     def __init__(self, model, prompts, repeats=1):
@@ -182,7 +194,7 @@ class PromptBatch:
         self.first_logits = logits.repeat_interleave(repeats, 0)
         self.mask = mask.repeat_interleave(repeats, 0)
         self.lengths = lengths.to(device).repeat_interleave(repeats)
-        self.n_new = 0
+        self.live = self.mask[:, :0]  # which generated columns each row attends to
 
     def _forward(self, ids, mask, positions):
         kwargs = {self.cache_arg: self.cache, "use_cache": True}
@@ -191,22 +203,31 @@ class PromptBatch:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         return out.logits[:, -1].float()
 
-    def step(self, tokens):
-        """Append one token per row; returns the logits (rows, vocab) for the next position."""
-        self.n_new += 1
-        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], self.n_new)], 1)
-        positions = (self.lengths + self.n_new - 1)[:, None]
-        return self._forward(tokens[:, None], mask, positions)
+    @property
+    def n_new(self):
+        return self.live.shape[1]
+
+    def step(self, tokens, depth, feed=None):
+        """Append one token per row at position prompt length + depth (its index in the row's
+        DocID); rows where `feed` is False add a masked placeholder. Returns the next logits."""
+        column = torch.ones_like(self.lengths) if feed is None else feed.long()
+        self.live = torch.cat([self.live, column[:, None]], 1)
+        positions = (self.lengths + depth)[:, None]
+        return self._forward(tokens[:, None], torch.cat([self.mask, self.live], 1), positions)
+
+    def forget(self, rows):
+        """Mask every generated column of the rows selected by a bool tensor."""
+        self.live = self.live.masked_fill(rows[:, None], 0)
 
     def rewind(self):
         if self.n_new:
             self.cache.crop(-self.n_new)
-            self.n_new = 0
+            self.live = self.live[:, :0]
 
     def reorder(self, rows):
         """Make row i continue from row rows[i] (beam search)."""
         self.cache.reorder_cache(rows)
-        self.mask, self.lengths = self.mask[rows], self.lengths[rows]
+        self.mask, self.lengths, self.live = self.mask[rows], self.lengths[rows], self.live[rows]
 
 
 @dataclass
@@ -216,8 +237,70 @@ class Retrieval:
     ranking: list = field(default_factory=list)  # [(doc_id, score)], strictly decreasing scores
 
 
-def _sample_rounds(model, trie, prompts, temperatures, top_k, top_p, draws, generator):
-    """Leaves decoded per query: draw i at temperatures[i], each query's leaves removed as it goes."""
+class _RootCandidates:
+    """Each row's root children ordered by its prompt logits, best first, computed once per batch:
+    a draw at the root takes the first live ones instead of scanning the vocabulary. Each draw
+    kills at most one root child, so `depth` = top-k + draws always leaves top-k live ones."""
+
+    def __init__(self, trie, first_logits, depth=None):
+        start, end = int(trie.child_ptr[0]), int(trie.child_ptr[1])
+        tokens = trie.token[start:end].long()
+        depth = end - start if depth is None else min(depth, end - start)
+        self.values, order = first_logits[:, tokens].topk(depth, dim=1)
+        self.children = order + start
+
+
+def _live_candidates(trie, removals, roots, logits, rows, queries, nodes, width=None):
+    """(values, children): for each row, the live children of its node (for its query) and their
+    logits, best first, at most `width` (None: all), padded with -inf / -1. Rows at the root use
+    `roots`; the others gather their logits at their children only."""
+    n, device, neg_inf = len(rows), logits.device, float("-inf")
+    at_root = nodes == 0
+    parts = []
+    r = torch.nonzero(at_root).squeeze(1)
+    if r.numel():
+        child = roots.children[rows[r]]
+        live = ~removals.is_dead(queries[r, None].expand_as(child), child)
+        w = child.shape[1] if width is None else min(width, child.shape[1])
+        rank = live.cumsum(1) - 1
+        col = torch.where(live & (rank < w), rank, w)  # the extra column takes the dropped ones
+        values = torch.full((len(r), w + 1), neg_inf, device=device).scatter_(1, col, roots.values[rows[r]])
+        children = torch.full((len(r), w + 1), -1, device=device).scatter_(1, col, child)
+        parts.append((r, values[:, :w], children[:, :w]))
+    o = torch.nonzero(~at_root).squeeze(1)
+    if o.numel():
+        row, child = trie.children(nodes[o])
+        live = ~removals.is_dead(queries[o][row], child)
+        row, child = row[live], child[live]
+        count = torch.bincount(row, minlength=len(o))
+        w = int(count.max())
+        offset = torch.arange(len(row), device=device) - (count.cumsum(0) - count)[row]
+        values = torch.full((len(o), w), neg_inf, device=device)
+        values[row, offset] = logits[rows[o][row], trie.token[child].long()]
+        children = torch.full((len(o), w), -1, device=device)
+        children[row, offset] = child
+        values, order = values.topk(w if width is None else min(width, w), dim=1)
+        parts.append((o, values, children.gather(1, order)))
+    w = max(1, *(part[1].shape[1] for part in parts))  # a row without live children keeps one -inf
+    out_values = torch.full((n, w), neg_inf, device=device)
+    out_children = torch.full((n, w), -1, dtype=torch.long, device=device)
+    for index, values, children in parts:
+        out_values[index, :values.shape[1]] = values
+        out_children[index, :children.shape[1]] = children
+    return out_values, out_children
+
+
+def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, generator):
+    """Leaves decoded per query: its i-th DocID drawn at temperatures[i] and removed from that
+    query's tree before the next one (`draws` rows per query draw side by side when > 1).
+
+    Rows advance independently: a row that completes a DocID masks its cache columns and starts
+    its next draw at once from the cached prompt logits, so no row waits for the longest DocID in
+    the batch, and DocIDs that need no forward pass cost none. Each forward pass feeds every row
+    that has drawn a token. After COLUMN_BUDGET columns new draws pause until the running ones
+    end, and the cache is cropped back to the prompts. Candidates are the live children of each
+    row's node only: no step scans the vocabulary.
+    """
     n_queries, n_draws = len(prompts), len(temperatures)
     device = trie.device
     batch = PromptBatch(model, prompts, repeats=draws)
@@ -226,43 +309,78 @@ def _sample_rounds(model, trie, prompts, temperatures, top_k, top_p, draws, gene
     slot = torch.arange(draws, device=device).repeat(n_queries)
     rows = torch.arange(n_queries * draws, device=device)
     temperatures = torch.as_tensor(temperatures, dtype=torch.float32, device=device)
-    processor = TrieLogitsProcessor(trie, removals=removals)
+    roots = _RootCandidates(trie, batch.first_logits, top_k + n_draws if top_k else None)
     found = torch.full((n_queries, n_draws), -1, dtype=torch.long, device=device)
+    found_draw = torch.full((n_queries, n_draws), torch.iinfo(torch.long).max, device=device)
     n_found = torch.zeros(n_queries, dtype=torch.long, device=device)
+    nodes = torch.zeros_like(rows)   # the root: about to start a draw
+    depth = torch.zeros_like(rows)   # tokens of the current DocID in the cache
+    tokens = torch.zeros_like(rows)  # last token drawn, fed by the next forward pass
+    row_draw = slot.clone()          # index of each row's current draw among its query's draws
+    next_draw = torch.full_like(n_found, draws)
+    logits = batch.first_logits
+    draining = False
+
+    def may_start():
+        return (n_found[row_query] < n_draws) & ~removals.exhausted[row_query] & (not draining)
+
     while True:
-        draw = n_found[row_query] + slot
-        active = (draw < n_draws) & ~removals.exhausted()[row_query]
-        if not bool(active.any()):
-            break
-        processor.set_rows(temperatures[draw.clamp(max=n_draws - 1)], top_k, top_p, row_query)
-        nodes = torch.where(active, 0, -1)  # inactive rows stay off the tree: only the end token
-        finished = ~active
-        logits = batch.first_logits
-        for _ in range(trie.max_depth):
-            tokens = processor.sample(logits, nodes, generator)
-            nodes = torch.where(finished, nodes, trie.advance(nodes, tokens))
+        todo = (nodes > 0) | ((nodes == 0) & may_start())  # rows with fresh logits
+        fed = torch.zeros_like(todo)
+        while bool(todo.any()):
+            idx = torch.nonzero(todo).squeeze(1)
+            q = row_query[idx]
+            warper = RowWarper(temperatures[row_draw[idx].clamp(max=n_draws - 1)], top_k, top_p, device)
+            values, children = _live_candidates(trie, removals, roots, logits, idx, q, nodes[idx], warper.k_max)
+            candidate_tokens = trie.token[children.clamp(min=0)].long()
+            pick = warper.pick(values, candidate_tokens, generator)[:, None]
+            drawn = candidate_tokens.gather(1, pick).squeeze(1)
+            # No live child: another row of the query emptied this subtree (draws > 1).
+            lost = ~torch.isfinite(values[:, 0])
+            reached = torch.where(lost, -1, children.gather(1, pick).squeeze(1))
             # A complete unique prefix allows only the end token: take it without a forward pass.
-            end_child = trie.end_child(nodes)
-            nodes = torch.where(end_child >= 0, end_child, nodes)
-            finished |= trie.is_leaf(nodes)
-            if bool(finished.all()):
-                break
-            logits = batch.step(tokens)
-        batch.rewind()
-        leaf = torch.where(active & trie.is_leaf(nodes), nodes, -1)
-        keep = leaf >= 0
-        if draws > 1:  # rows of one query may meet on a leaf: keep its first draw, the others redraw
-            key = torch.where(keep, row_query * trie.n_nodes + leaf, -1 - rows)
-            unique, inverse = torch.unique(key, return_inverse=True)
-            first = torch.full_like(unique, len(rows)).scatter_reduce_(0, inverse, rows, "amin")
-            keep &= first[inverse] == rows
-        position = n_found[row_query] + keep.view(n_queries, draws).cumsum(1).view(-1) - 1
-        keep &= position < n_draws
-        if not bool(keep.any()):  # a live query always reaches a new leaf; never loop forever
-            raise RuntimeError("constrained decoding made no progress (inconsistent prefix tree)")
-        found[row_query[keep], position[keep]] = leaf[keep]
-        n_found += keep.view(n_queries, draws).sum(1)
-        removals.add(row_query[keep], leaf[keep])
+            end_child = trie.end_child(reached)
+            reached = torch.where(end_child >= 0, end_child, reached)
+            done = trie.is_leaf(reached)
+            keep = done
+            if draws > 1:  # keep a leaf new to the query, once: the other rows draw again
+                unique, inverse = torch.unique(torch.where(keep, q * trie.n_nodes + reached, -1 - idx),
+                                               return_inverse=True)
+                first = torch.full_like(unique, len(rows)).scatter_reduce_(0, inverse, idx, "amin")
+                keep &= first[inverse] == idx
+            elif bool(lost.any()):
+                raise RuntimeError("constrained decoding left the prefix tree (inconsistent tree or removals)")
+            # Rows are grouped by query, so a running count gives each kept leaf its rank.
+            kept = torch.zeros_like(todo).index_fill_(0, idx[keep], True)
+            position = (n_found[row_query] + kept.view(n_queries, draws).cumsum(1).view(-1) - 1)[idx]
+            keep &= position < n_draws
+            found[q[keep], position[keep]] = reached[keep]
+            found_draw[q[keep], position[keep]] = row_draw[idx[keep]]
+            n_found.index_add_(0, q[keep], torch.ones_like(q[keep]))
+            removals.add(q[keep], reached[keep])
+            restart = done | lost
+            nodes[idx] = torch.where(restart, 0, reached)
+            tokens[idx] = drawn.clamp(min=0)  # a lost row feeds a masked placeholder
+            fed[idx] = ~restart
+            restarted = torch.zeros_like(todo).index_fill_(0, idx[restart], True)
+            depth.masked_fill_(restarted, 0)
+            # The next draw indices of the query; with draws > 1 a lost or repeated draw leaves a gap.
+            rank = restarted.view(n_queries, draws).cumsum(1).view(-1) - 1
+            row_draw = torch.where(restarted, next_draw[row_query] + rank, row_draw)
+            next_draw += restarted.view(n_queries, draws).sum(1)
+            batch.forget(restarted)
+            todo = restarted & may_start()
+        if bool(fed.any()):
+            logits = batch.step(tokens, depth, fed)
+            depth += fed.long()
+            draining = draining or batch.n_new >= COLUMN_BUDGET
+        elif batch.n_new:
+            batch.rewind()
+            draining = False
+        else:
+            break
+    # Rank by draw (the order of the schedule), not by the time a draw completed.
+    found = found.gather(1, found_draw.argsort(dim=1, stable=True))
     return [trie.leaf_index(row[row >= 0]).tolist() for row in found]
 
 
@@ -279,7 +397,7 @@ def _beam_search(model, trie, prompts, n_leaves, num_beams):
     pool_leaf = torch.full((n_queries, n_leaves), -1, dtype=torch.long, device=device)
     base = (torch.arange(n_queries, device=device) * width)[:, None]
     logits = batch.first_logits
-    for _ in range(trie.max_depth):
+    for step in range(trie.max_depth):
         logprobs = logits.log_softmax(1).masked_fill(~trie.allowed_mask(nodes), neg_inf)
         candidates = (score.view(-1, 1) + logprobs).view(n_queries, width * vocab)
         top, index = candidates.topk(min(2 * width, width * vocab), dim=1)
@@ -310,7 +428,7 @@ def _beam_search(model, trie, prompts, n_leaves, num_beams):
             break
         batch.reorder(new_source.view(-1))
         nodes = new_nodes.view(-1)
-        logits = batch.step(new_tokens.view(-1))
+        logits = batch.step(new_tokens.view(-1), step)
     return [trie.leaf_index(leaf[torch.isfinite(s)]).tolist() for leaf, s in zip(pool_leaf, pool_score)]
 
 
@@ -333,7 +451,7 @@ def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m
     "iterative_greedy" (K greedy draws), "nucleus" (K draws at `temperature`), "reverse_annealed"
     (draw i at t_i of the schedule (K, k, m, t_max)), all without replacement and with top_k /
     top_p on sampled draws; "beam" (beam search with num_beams, default K, returning up to K leaves
-    by sequence log-prob). draws_per_round > 1 decodes that many draws per query in one pass (a
+    by sequence log-prob). draws_per_round > 1 lets that many rows per query draw side by side (a
     faster approximation; 1 is exact). Each leaf expands to all its documents, cut at max_results.
     """
     if mode not in MODES:
@@ -365,7 +483,7 @@ def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m
                 if mode == "beam":
                     found = _beam_search(model, trie, batch, K, num_beams or K)
                 else:
-                    found = _sample_rounds(model, trie, batch, temperatures, top_k, top_p, draws_per_round, generator)
+                    found = _sample_draws(model, trie, batch, temperatures, top_k, top_p, draws_per_round, generator)
                 for i, query_leaves in zip(index, found):
                     leaves[i] = query_leaves
     finally:

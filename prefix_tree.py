@@ -208,7 +208,8 @@ class PrefixTree:
         starts = np.cumsum(lengths) - lengths
         if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 31 - 1):
             bad = np.flatnonzero((tokens < 0) | (tokens >= 2 ** 31 - 1))
-            raise ValueError(f"token ids out of range in the DocID of {_names(doc_ids, np.searchsorted(starts, bad, 'right') - 1)}")
+            owners = np.searchsorted(starts, bad, "right") - 1
+            raise ValueError(f"token ids out of range in the DocID of {_names(doc_ids, np.unique(owners))}")
         with_end = np.flatnonzero(tokens == end_id)
         if with_end.size:
             raise ValueError(f"the end token {end_id} occurs inside the DocID of "
@@ -255,10 +256,10 @@ class PrefixTree:
         del perm, rep, leaf_order, sizes
         doc_id_ptr, doc_id_bytes = _pack_strings(id_array[slot_doc])
         stats.update(docs=n, leaves=n_paths, nodes=n_nodes)
-        arrays = {"parent": parent, "token": token, "child_ptr": np.searchsorted(parent[1:], np.arange(n_nodes + 1)) + 1,
-                  "edge_key": edge_key, "leaf_count": _leaf_counts(parent, leaf_node, level_start),
-                  "leaf_node": leaf_node, "leaf_doc_ptr": leaf_doc_ptr,
-                  "doc_id_ptr": doc_id_ptr, "doc_id_bytes": doc_id_bytes}
+        child_ptr = np.searchsorted(parent[1:], np.arange(n_nodes + 1)) + 1  # parents are sorted
+        arrays = {"parent": parent, "token": token, "child_ptr": child_ptr, "edge_key": edge_key,
+                  "leaf_count": _leaf_counts(parent, leaf_node, level_start), "leaf_node": leaf_node,
+                  "leaf_doc_ptr": leaf_doc_ptr, "doc_id_ptr": doc_id_ptr, "doc_id_bytes": doc_id_bytes}
         arrays = {name: np.ascontiguousarray(x, dtype=ARRAYS[name]) for name, x in arrays.items()}
         max_depth = len(level_start) - 2
         log.info("prefix tree: %d documents, %d leaves, %d nodes, depth %d", n, n_paths, n_nodes, max_depth)
@@ -369,18 +370,27 @@ class DeviceTrie:
         if tree.key_base > vocab_size:
             raise ValueError(f"the prefix tree uses token ids up to {tree.key_base - 1}, "
                              f"beyond the model's vocabulary of {vocab_size}")
-        self.tree, self.vocab_size, self.device = tree, vocab_size, torch.device(device)
+        self.tree, self.vocab_size = tree, vocab_size
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", comparable to model.device
         self.end_id, self.key_base, self.max_depth = tree.end_id, tree.key_base, tree.max_depth
         self.n_nodes = tree.n_nodes
         for name in ("parent", "token", "child_ptr", "edge_key", "leaf_count", "leaf_node"):
             setattr(self, name, _to_torch(getattr(tree, name), self.device))
+        # Nodes are numbered level by level: level d + 1 holds the children of level d.
+        level_start = [0, 1]
+        while level_start[-1] > level_start[-2]:
+            level_start.append(int(tree.child_ptr[level_start[-1]]))
+        self.level_start = torch.as_tensor(level_start[:-1], dtype=torch.long, device=self.device)
         fanout = np.diff(tree.child_ptr)
         hot = np.union1d([0], np.flatnonzero(fanout >= HOT_FANOUT))
         self.hot_nodes = torch.as_tensor(hot, dtype=torch.long, device=self.device)
         rows = np.repeat(np.arange(hot.size), fanout[hot])
         cols = np.concatenate([tree.token[tree.child_ptr[h]:tree.child_ptr[h + 1]] for h in hot])
-        self.dense = torch.zeros(hot.size, vocab_size, dtype=torch.bool, device=self.device)
-        self.dense[torch.as_tensor(rows, device=self.device), torch.as_tensor(cols, dtype=torch.long, device=self.device)] = True
+        # Dense rows of the hot nodes, then an empty row for every other node; the extra column
+        # takes the writes that must not land (see allowed_mask).
+        self.dense = torch.zeros(hot.size + 1, vocab_size + 1, dtype=torch.bool, device=self.device)
+        self.dense[torch.as_tensor(rows, device=self.device),
+                   torch.as_tensor(cols, dtype=torch.long, device=self.device)] = True
 
     def advance(self, nodes, tokens):
         """Child of each node along each token; -1 where the row is or goes off the tree."""
@@ -420,39 +430,50 @@ class DeviceTrie:
         if include is not None:
             count = torch.where(include, count, 0)
         rows = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), count)
-        offset = torch.arange(rows.numel(), device=nodes.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        first = torch.repeat_interleave(count.cumsum(0) - count, count)
+        offset = torch.arange(rows.numel(), device=nodes.device) - first
         return rows, self.child_ptr[nodes.clamp(min=0)][rows] + offset
+
+    def hot_index(self, nodes):
+        """(dense row, is hot) of each node: hot nodes have a dense allowed-token row."""
+        pos = torch.searchsorted(self.hot_nodes, nodes.clamp(min=0)).clamp(max=len(self.hot_nodes) - 1)
+        return pos, (nodes >= 0) & (self.hot_nodes[pos] == nodes)
 
     def allowed_mask(self, nodes, row_query=None, removals=None):
         """(rows, vocab) bool mask of each row's allowed next tokens.
 
         A row at a node with live children may take exactly those; a row off the tree, at a leaf, or
-        whose query has exhausted the tree may only take the end token. Dead children (see
-        `Removals`) are masked for the rows of their query.
+        whose query has exhausted the tree may only take the end token. With `removals`, children
+        dead for a row's query (`row_query`) are masked.
         """
+        if removals is not None and row_query is None:
+            raise ValueError("row_query (the query of each row) is required with removals")
         n_rows, vocab = nodes.shape[0], self.vocab_size
-        valid = nodes >= 0
-        pos = torch.searchsorted(self.hot_nodes, nodes.clamp(min=0)).clamp(max=len(self.hot_nodes) - 1)
-        hot = valid & (self.hot_nodes[pos] == nodes)
-        # One spare column absorbs the writes of rows that must not change, so no write conflicts.
-        allowed = torch.zeros(n_rows, vocab + 1, dtype=torch.bool, device=nodes.device)
-        allowed[:, :vocab] = self.dense[pos] & hot[:, None]
+        pos, hot = self.hot_index(nodes)
+        allowed = self.dense[torch.where(hot, pos, len(self.hot_nodes))]  # (rows, vocab + 1)
         rows, child = self.children(nodes, ~hot)
-        allowed[rows, self.token[child].long()] = True
-        if removals is not None and removals.dead_node.numel():
-            d_rows, d_index = removals.rows_of_dead(row_query)
-            hit = nodes[d_rows] == removals.dead_parent[d_index]
-            allowed[d_rows, torch.where(hit, removals.dead_token[d_index], vocab)] = False
-        none = ~allowed[:, :vocab].any(1)
+        tokens = self.token[child].long()
+        if removals is not None:
+            tokens = torch.where(removals.is_dead(row_query[rows], child), vocab, tokens)
+        allowed[rows, tokens] = True
+        if removals is not None and removals.hot_query.numel():
+            rows, entry = _rows_of(row_query, removals.hot_query)
+            hit = nodes[rows] == removals.hot_parent[entry]
+            allowed[rows, torch.where(hit, removals.hot_token[entry], vocab)] = False
+        allowed[:, vocab] = False
+        none = ~allowed.any(1)
         allowed[torch.arange(n_rows, device=nodes.device), torch.where(none, self.end_id, vocab)] = True
         return allowed[:, :vocab]
+
+    def depth(self, nodes):
+        return torch.searchsorted(self.level_start, nodes, right=True) - 1
 
     def path_nodes(self, leaf_nodes):
         """(row, node) pairs of every node on each leaf's path, root included."""
         rows, nodes = [], []
         index = torch.arange(len(leaf_nodes), device=leaf_nodes.device)
         cur = leaf_nodes
-        for _ in range(self.max_depth + 1):
+        for _ in range(int(self.depth(leaf_nodes).max()) + 1):
             keep = cur >= 0
             rows.append(index[keep])
             nodes.append(cur[keep])
@@ -466,43 +487,60 @@ class Removals:
     For each (query, node) touched by a removed leaf it keeps how many removed leaves lie below
     the node (sorted keys query * n_nodes + node). A node is dead for a query once that count
     reaches the node's static leaf_count: its subtree is exhausted, so a query can never walk into
-    a dead end nor decode a leaf twice.
+    a dead end nor decode a leaf twice. Dead children of hot nodes (served from dense rows) are
+    also listed pair by pair.
     """
 
     def __init__(self, trie, n_queries):
         self.trie, self.n_queries = trie, n_queries
         empty = torch.zeros(0, dtype=torch.long, device=trie.device)
         self.keys, self.counts = empty, empty
-        self.dead_query, self.dead_node, self.dead_parent, self.dead_token = empty, empty, empty, empty
+        self.hot_query, self.hot_parent, self.hot_token = empty, empty, empty
+        self.exhausted = torch.zeros(n_queries, dtype=torch.bool, device=trie.device)
 
     def add(self, queries, leaf_nodes):
         """Remove one leaf per entry (each (query, leaf) at most once overall)."""
+        if leaf_nodes.numel() == 0:
+            return
         m = self.trie.n_nodes
         rows, nodes = self.trie.path_nodes(leaf_nodes)
-        keys = torch.cat([self.keys, queries[rows] * m + nodes])
-        counts = torch.cat([self.counts, torch.ones_like(nodes)])
-        self.keys, inverse = torch.unique(keys, return_inverse=True)
-        self.counts = torch.zeros_like(self.keys).index_add_(0, inverse, counts)
-        node = self.keys % m
-        dead = self.counts >= self.trie.leaf_count[node].long()
-        self.dead_query, self.dead_node = self.keys[dead] // m, node[dead]
-        self.dead_parent = self.trie.parent[self.dead_node].long()
-        self.dead_token = self.trie.token[self.dead_node].long()
+        touched, count = torch.unique(queries[rows] * m + nodes, return_counts=True)
+        if self.keys.numel():
+            pos = torch.searchsorted(self.keys, touched).clamp(max=self.keys.numel() - 1)
+            seen = self.keys[pos] == touched
+            count = count + torch.where(seen, self.counts[pos], 0)
+            self.counts[pos[seen]] = count[seen]
+        else:
+            seen = torch.zeros_like(touched, dtype=torch.bool)
+        self.keys, order = torch.sort(torch.cat([self.keys, touched[~seen]]))
+        self.counts = torch.cat([self.counts, count[~seen]])[order]
+        # Every touched node was alive (its new leaf was), so the dead ones just died.
+        node = touched % m
+        dead = count >= self.trie.leaf_count[node].long()
+        query, node = touched[dead] // m, node[dead]
+        self.exhausted[query[node == 0]] = True
+        parent = self.trie.parent[node].long()
+        hot = self.trie.hot_index(parent)[1]
+        self.hot_query = torch.cat([self.hot_query, query[hot]])
+        self.hot_parent = torch.cat([self.hot_parent, parent[hot]])
+        self.hot_token = torch.cat([self.hot_token, self.trie.token[node[hot]].long()])
 
-    def exhausted(self):
-        """Bool per query: every leaf removed."""
-        out = torch.zeros(self.n_queries, dtype=torch.bool, device=self.trie.device)
-        out[self.dead_query[self.dead_node == 0]] = True
-        return out
+    def is_dead(self, queries, nodes):
+        """Bool per entry: every leaf below the node is removed for that query."""
+        if self.keys.numel() == 0:
+            return torch.zeros_like(nodes, dtype=torch.bool)
+        key = queries * self.trie.n_nodes + nodes.clamp(min=0)
+        pos = torch.searchsorted(self.keys, key).clamp(max=self.keys.numel() - 1)
+        count = torch.where(self.keys[pos] == key, self.counts[pos], 0)
+        return (nodes >= 0) & (count >= self.trie.leaf_count[nodes.clamp(min=0)].long())
 
-    def rows_of_dead(self, row_query):
-        """(row, dead-pair index) for every row whose query has that dead node."""
-        if row_query is None:
-            raise ValueError("row_query (the query of each row) is required with removals")
-        order = torch.argsort(row_query, stable=True)
-        sorted_q = row_query[order]
-        lo = torch.searchsorted(sorted_q, self.dead_query)
-        count = torch.searchsorted(sorted_q, self.dead_query, right=True) - lo
-        index = torch.repeat_interleave(torch.arange(len(count), device=count.device), count)
-        offset = torch.arange(index.numel(), device=count.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
-        return order[lo[index] + offset], index
+
+def _rows_of(row_query, queries):
+    """(row, entry) for every entry of `queries` and every row whose query it is."""
+    order = torch.argsort(row_query, stable=True)
+    sorted_q = row_query[order]
+    lo = torch.searchsorted(sorted_q, queries)
+    count = torch.searchsorted(sorted_q, queries, right=True) - lo
+    entry = torch.repeat_interleave(torch.arange(len(count), device=count.device), count)
+    offset = torch.arange(entry.numel(), device=count.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    return order[lo[entry] + offset], entry

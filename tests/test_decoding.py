@@ -7,10 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
 import decoding
+from decoding import _live_candidates, _RootCandidates
 import file_io
 import mair_config
 from decoding import TrieLogitsProcessor, decode, reverse_annealed_temperatures
-from prefix_tree import DeviceTrie, PrefixTree
+from prefix_tree import DeviceTrie, PrefixTree, Removals
 from reference_trie import DictTrie, reference_decode, shortest_unique_paths
 
 TASK = "PyDoc-Net"
@@ -94,6 +95,12 @@ def test_iterative_greedy_matches_reference(setup, reference):
 def test_reverse_annealed_at_zero_temperature_matches_reference(setup, reference, draws):
     results = decode(setup.model, setup.tree, setup.prompts, mode="reverse_annealed", K=K, t_max=0.0,
                      draws_per_round=draws, progress=False)
+    assert paths_of(setup.tree, results) == reference
+
+
+def test_frequent_cache_crops_do_not_change_results(setup, reference, monkeypatch):
+    monkeypatch.setattr(decoding, "COLUMN_BUDGET", 2)
+    results = decode(setup.model, setup.tree, setup.prompts, mode="iterative_greedy", K=K, progress=False)
     assert paths_of(setup.tree, results) == reference
 
 
@@ -198,6 +205,41 @@ def test_warp_per_row():
     assert torch.allclose(out[1, :5], logits[1, :5])
     off_tree = processor.process(logits, torch.tensor([-1, 1, 1, 1, 1]))  # nodes 1.. are leaves
     assert (off_tree.argmax(1) == 6).all() and torch.isfinite(off_tree).sum() == 5
+
+
+@pytest.mark.parametrize("width", [None, 3])
+def test_sparse_candidates_match_the_dense_mask(width):
+    """The decoder's per-node candidate lists hold exactly the tokens the dense mask allows."""
+    rng = np.random.default_rng(0)
+    end = 30
+    seqs = {f"d{i}": tuple(rng.integers(0, end, rng.integers(1, 5)).tolist()) for i in range(400)}
+    tree = PrefixTree.from_token_ids(seqs.items(), end)
+    trie = DeviceTrie(tree, end + 1)
+    n_queries = 3
+    removals = Removals(trie, n_queries)
+    for q, n in enumerate([0, 60, 200]):
+        leaves = rng.choice(tree.n_leaves, n, replace=False)
+        removals.add(torch.full((n,), q), torch.as_tensor(tree.leaf_node[leaves]))
+    inner = torch.arange(tree.n_nodes)[~trie.is_leaf(torch.arange(tree.n_nodes))]
+    queries = torch.as_tensor(rng.integers(0, n_queries, 200))
+    nodes = inner[torch.as_tensor(rng.integers(0, len(inner), 200))]
+    nodes[:40] = 0
+    alive = ~removals.is_dead(queries, nodes)
+    queries, nodes = queries[alive], nodes[alive]
+    rows = torch.arange(len(nodes))
+    logits, first_logits = torch.randn(len(nodes), end + 1), torch.randn(len(nodes), end + 1)
+    values, children = _live_candidates(trie, removals, _RootCandidates(trie, first_logits), logits, rows, queries,
+                                        nodes, width)
+    dense = torch.where((nodes == 0)[:, None], first_logits, logits)
+    dense = dense.masked_fill(~trie.allowed_mask(nodes, queries, removals), float("-inf"))
+    for row in range(len(nodes)):
+        expected = dense[row].sort(descending=True).values
+        expected = expected[torch.isfinite(expected)][:width]
+        got = values[row][torch.isfinite(values[row])]
+        assert torch.equal(got, expected)
+        tokens = trie.token[children[row][:len(got)]].long()
+        assert torch.equal(dense[row, tokens], got)
+        assert (trie.parent[children[row][:len(got)]] == nodes[row]).all()
 
 
 def test_bad_arguments(setup):

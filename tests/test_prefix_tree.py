@@ -116,7 +116,7 @@ def test_sampling_without_replacement_until_exhausted(seqs, seed, n_queries):
     stored = set(leaf_paths(tree))
     decoded = [[] for _ in range(n_queries)]
     for _ in range(tree.n_leaves):
-        assert not removals.exhausted().any()
+        assert not removals.exhausted.any()
         nodes = torch.zeros(n_queries, dtype=torch.long)
         paths = [[] for _ in range(n_queries)]
         while not trie.is_leaf(nodes).all():
@@ -129,7 +129,7 @@ def test_sampling_without_replacement_until_exhausted(seqs, seed, n_queries):
         removals.add(queries, nodes)
         for q in range(n_queries):
             decoded[q].append(tuple(paths[q]))
-    assert removals.exhausted().all()
+    assert removals.exhausted.all()
     for q in range(n_queries):
         assert sorted(decoded[q]) == sorted(stored)
     scores = processor.process(torch.randn(n_queries, VOCAB), torch.zeros(n_queries, dtype=torch.long))
@@ -150,7 +150,7 @@ def test_removal_is_per_query():
     assert torch.nonzero(mask[1]).flatten().tolist() == [1, 4]     # query 1 untouched
     mask = trie.allowed_mask(torch.tensor([node_1, node_1]), torch.tensor([1, 1]), removals)
     assert torch.nonzero(mask[0]).flatten().tolist() == [2, 3]
-    assert removals.exhausted().tolist() == [False, False]
+    assert removals.exhausted.tolist() == [False, False]
     assert int(tree.leaf_count[0]) == 3                             # the shared tree is unchanged
 
 
