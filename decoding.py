@@ -17,6 +17,7 @@ Modes (the decoding ablation): greedy, iterative_greedy, nucleus, reverse_anneal
 """
 import inspect
 import logging
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,44 @@ MAX_RESULTS = 100     # documents per query in the ranking
 BATCH_SIZE = 32       # queries decoded together (beam search: times num_beams rows)
 COLUMN_BUDGET = 32    # generated cache columns before the cache is cropped back to the prompts
 MODES = ("greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam")
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _int64(value):
+    """A 64-bit constant as a signed int64 (torch integer arithmetic wraps around)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_MIX1, _MIX2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+_KEYS = [_int64(0x9E3779B97F4A7C15), _int64(0xD1B54A32D192ED03), _int64(0xABC98388FB8FAC03),
+         _int64(0x8CB92BA72F3D8DD7)]
+
+
+def _shift(x, bits):
+    """Logical right shift of int64 values."""
+    return torch.bitwise_right_shift(x, bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_uniform(*keys):
+    """Uniforms in (0, 1) that depend only on the integer keys (broadcast together), not on the
+    batch they are drawn in: a SplitMix64 finaliser over a mix of the keys."""
+    x = torch.zeros((), dtype=torch.long, device=keys[0].device)
+    for key, mult in zip(keys, _KEYS):
+        x = (x + key.long()) * mult
+        x = x ^ _shift(x, 29)
+    x = (x ^ _shift(x, 30)) * _MIX1
+    x = (x ^ _shift(x, 27)) * _MIX2
+    x = x ^ _shift(x, 31)
+    return (_shift(x, 40).float() + 0.5) / float(1 << 24)
+
+
+def query_seed(seed, key):
+    """A query's random stream: the run's seed and a stable key (its qid), so that a query draws the
+    same DocIDs whatever batch or process decodes it."""
+    return zlib.crc32(f"{seed}:{key}".encode()) | (int(seed) << 32)
 
 
 def annealed_temperature(i, K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX):
@@ -89,14 +128,18 @@ class RowWarper:
             keep = torch.where(self.greedy, rank == self._best(values, tokens)[:, None], keep)
         return scaled.masked_fill(~keep, float("-inf"))
 
-    def pick(self, values, tokens, generator=None):
-        """Column of the chosen candidate per row (candidates sorted best first, -inf padding)."""
+    def pick(self, values, tokens, generator=None, uniform=None):
+        """Column of the chosen candidate per row (candidates sorted best first, -inf padding).
+        `uniform` (same shape, in (0, 1)) replaces the generator's noise when given."""
         if self.all_greedy:
             return self._best(values, tokens)
         probs = self.filter(values, tokens).softmax(1)
         # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
-        race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
-        return (probs / race).argmax(1)
+        if uniform is None:
+            race = torch.empty_like(probs).exponential_(generator=generator)
+        else:
+            race = -torch.log(uniform.to(probs.dtype))
+        return (probs / race.clamp_(min=torch.finfo(probs.dtype).tiny)).argmax(1)
 
     def top(self, scores):
         """(values, tokens) of full-vocabulary logits, best first, as many as the settings can keep."""
@@ -290,7 +333,7 @@ def _live_candidates(trie, removals, roots, logits, rows, queries, nodes, width=
     return out_values, out_children
 
 
-def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, generator):
+def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, seeds):
     """Leaves decoded per query: its i-th DocID drawn at temperatures[i] and removed from that
     query's tree before the next one (`draws` rows per query draw side by side when > 1).
 
@@ -299,13 +342,16 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, gener
     the batch, and DocIDs that need no forward pass cost none. Each forward pass feeds every row
     that has drawn a token. After COLUMN_BUDGET columns new draws pause until the running ones
     end, and the cache is cropped back to the prompts. Candidates are the live children of each
-    row's node only: no step scans the vocabulary.
+    row's node only: no step scans the vocabulary. The noise of a draw is a function of the
+    query's seed, the draw index, the depth and the token (`counter_uniform`), so a query's
+    DocIDs do not depend on the batch or the process it is decoded in.
     """
     n_queries, n_draws = len(prompts), len(temperatures)
     device = trie.device
     batch = PromptBatch(model, prompts, repeats=draws)
     removals = Removals(trie, n_queries)
     row_query = torch.arange(n_queries, device=device).repeat_interleave(draws)
+    seeds = torch.as_tensor(seeds, dtype=torch.long, device=device)
     slot = torch.arange(draws, device=device).repeat(n_queries)
     rows = torch.arange(n_queries * draws, device=device)
     temperatures = torch.as_tensor(temperatures, dtype=torch.float32, device=device)
@@ -333,7 +379,9 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, gener
             warper = RowWarper(temperatures[row_draw[idx].clamp(max=n_draws - 1)], top_k, top_p, device)
             values, children = _live_candidates(trie, removals, roots, logits, idx, q, nodes[idx], warper.k_max)
             candidate_tokens = trie.token[children.clamp(min=0)].long()
-            pick = warper.pick(values, candidate_tokens, generator)[:, None]
+            uniform = counter_uniform(seeds[q][:, None], row_draw[idx][:, None], depth[idx][:, None],
+                                      candidate_tokens)
+            pick = warper.pick(values, candidate_tokens, uniform=uniform)[:, None]
             drawn = candidate_tokens.gather(1, pick).squeeze(1)
             # No live child: another row of the query emptied this subtree (draws > 1).
             lost = ~torch.isfinite(values[:, 0])
@@ -443,7 +491,7 @@ def _ranking(tree, leaves, max_results):
 
 def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX,
            top_k=TOP_K, top_p=TOP_P, temperature=NUCLEUS_TEMPERATURE, num_beams=None, batch_size=BATCH_SIZE,
-           max_results=MAX_RESULTS, seed=0, draws_per_round=1, progress=True):
+           max_results=MAX_RESULTS, seed=0, draws_per_round=1, progress=True, keys=None):
     """Decode up to K DocIDs per prompt under the prefix tree; returns one `Retrieval` per prompt.
 
     trie: a PrefixTree (or a DeviceTrie on the model's device). prompts: token-id lists, each the
@@ -453,6 +501,8 @@ def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m
     top_p on sampled draws; "beam" (beam search with num_beams, default K, returning up to K leaves
     by sequence log-prob). draws_per_round > 1 lets that many rows per query draw side by side (a
     faster approximation; 1 is exact). Each leaf expands to all its documents, cut at max_results.
+    keys (e.g. the qids) seed each query's sampling with `seed`: the same key draws the same DocIDs
+    in any batch or process (default: the prompt's position).
     """
     if mode not in MODES:
         raise ValueError(f"unknown decoding mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -470,7 +520,10 @@ def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m
     temperatures = {"greedy": np.zeros(K), "iterative_greedy": np.zeros(K),
                     "nucleus": np.full(K, float(temperature)),
                     "reverse_annealed": reverse_annealed_temperatures(K, k, m, t_max)}.get(mode)
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    if len(keys) != len(prompts):
+        raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
+    seeds = [query_seed(seed, key) for key in keys]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     leaves = [None] * len(prompts)
     was_training = model.training
@@ -483,7 +536,8 @@ def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m
                 if mode == "beam":
                     found = _beam_search(model, trie, batch, K, num_beams or K)
                 else:
-                    found = _sample_draws(model, trie, batch, temperatures, top_k, top_p, draws_per_round, generator)
+                    found = _sample_draws(model, trie, batch, temperatures, top_k, top_p, draws_per_round,
+                                          [seeds[i] for i in index])
                 for i, query_leaves in zip(index, found):
                     leaves[i] = query_leaves
     finally:

@@ -11,6 +11,8 @@ OUT_DIR/<RUN>/<task>/{bm25,zerogr,zerogr-rerank}.run (TREC) and metrics.json; th
 OUT_DIR/<RUN>/results.md (paper-style tables) and, for the ablation, ablation.md / ablation.png /
 schedule.png. A finished task is skipped on a rerun; a failing task is reported and the others go on.
 """
+import hashlib
+import json
 import logging
 import os
 import random
@@ -272,13 +274,20 @@ def train_corpus(corpus):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 def load_trie(corpus, tokenizer, docs, gists):
-    """The corpus's prefix tree, built once and saved next to its retriever."""
+    """The corpus's prefix tree, saved next to its retriever and rebuilt when the DocIDs or the
+    tokenizer change (a fingerprint of both is kept beside it)."""
     path = os.path.join(model_dir(corpus), "trie")
-    if os.path.exists(os.path.join(path, "meta.json")):
+    pairs = [(d["id"], gists[d["id"]]) for d in docs if d["id"] in gists]
+    digest = hashlib.sha1(json.dumps([pairs, len(tokenizer), tokenizer.eos_token]).encode()).hexdigest()
+    stamp = path + ".source.json"
+    if os.path.exists(os.path.join(path, "meta.json")) and os.path.exists(stamp) \
+            and read_json(stamp).get("sha1") == digest:
         return PrefixTree.load(path)
-    tree = PrefixTree.build([(d["id"], gists[d["id"]]) for d in docs if d["id"] in gists], tokenizer)
+    tree = PrefixTree.build(pairs, tokenizer)
     if env_rank() == 0:
         tree.save(path)
+        write_json({"sha1": digest, "docids": len(pairs)}, stamp)
+        log.info("%s: prefix tree of %d DocIDs (%d leaves) -> %s", corpus, len(pairs), tree.n_leaves, path)
     return tree
 
 
@@ -314,7 +323,8 @@ def decode_queries(model, tokenizer, tree, queries, mode):
                             t_max=C["T_MAX"], top_k=C["TOP_K"], top_p=C["TOP_P"],
                             temperature=C["NUCLEUS_TEMPERATURE"], num_beams=C["NUM_BEAMS"],
                             batch_size=C["EVAL_BATCH_SIZE"], max_results=C["MAX_RESULTS"], seed=C["SEED"],
-                            draws_per_round=C["DRAWS_PER_ROUND"], progress=state.is_main_process)
+                            draws_per_round=C["DRAWS_PER_ROUND"], progress=state.is_main_process,
+                            keys=[str(q["qid"]) for q in mine])
     local = [(str(q["qid"]), [doc for doc, _ in r.ranking]) for q, r in zip(mine, found)]
     return dict(gather(local, state))
 
@@ -488,9 +498,9 @@ def main(argv=None):
         for corpus in mair_config.corpora_of(tasks):
             try:
                 train_corpus(corpus)
-            except (DataError, FileNotFoundError, ValueError) as e:
-                log.error("%s: training failed: %s", corpus, e)
-                failures[corpus] = str(e)
+            except Exception as e:  # one corpus failing must not stop the others
+                log.exception("%s: training failed", corpus)
+                failures[corpus] = f"{type(e).__name__}: {e}"
     if C["STAGE"] in ("all", "eval"):
         bm25_cache = {}
         for task in tasks:
@@ -503,9 +513,9 @@ def main(argv=None):
             try:
                 result = evaluate_task(task, bm25_cache)
                 log.info("%s: %s", task, {m: round(v["Acc@1"] * 100, 1) for m, v in result["methods"].items()})
-            except (DataError, FileNotFoundError, ValueError) as e:
-                log.error("%s: evaluation failed: %s", task, e)
-                failures[task] = str(e)
+            except Exception as e:
+                log.exception("%s: evaluation failed", task)
+                failures[task] = f"{type(e).__name__}: {e}"
     if C["STAGE"] == "ablation":
         ablation(tasks)
     elif env_rank() == 0:

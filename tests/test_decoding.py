@@ -125,6 +125,29 @@ def test_sampling_is_valid_and_reproducible(setup, reference):
     assert all(len(r.leaves) == K == len(set(r.leaves)) for r in nucleus)
 
 
+@pytest.mark.parametrize("mode", ["reverse_annealed", "nucleus"])
+def test_a_query_draws_the_same_docids_in_any_batch(setup, mode):
+    """Sampling noise depends on the query's key, not on its batch: sharding cannot change results."""
+    keys = [f"q{i}" for i in range(len(setup.prompts))]
+    whole = decode(setup.model, setup.tree, setup.prompts, mode=mode, K=K, keys=keys, progress=False)
+    order = list(reversed(range(len(setup.prompts))))
+    split = decode(setup.model, setup.tree, [setup.prompts[i] for i in order], mode=mode, K=K,
+                   keys=[keys[i] for i in order], batch_size=2, progress=False)
+    assert [whole[i].leaves for i in order] == [r.leaves for r in split]
+    other = decode(setup.model, setup.tree, setup.prompts, mode=mode, K=K, keys=keys, seed=1, progress=False)
+    assert [r.leaves for r in whole] != [r.leaves for r in other]
+
+
+def test_counter_uniform_is_uniform_and_keyed():
+    from decoding import counter_uniform
+    u = counter_uniform(torch.arange(200_000), torch.tensor(3), torch.tensor(0), torch.tensor(11))
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    assert torch.histc(u, 10, 0, 1).min() > 19_000
+    assert torch.equal(u[:5], counter_uniform(torch.arange(5), torch.tensor(3), torch.tensor(0), torch.tensor(11)))
+    assert not torch.equal(u[:5], counter_uniform(torch.arange(5), torch.tensor(3), torch.tensor(1), torch.tensor(11)))
+
+
 @pytest.mark.parametrize("mode,draws", [("iterative_greedy", 1), ("nucleus", 1), ("reverse_annealed", 1),
                                         ("reverse_annealed", 4), ("beam", 1)])
 def test_exhaustion_returns_every_leaf_once(setup, mode, draws):
