@@ -28,21 +28,23 @@ _TOKEN = re.compile(r"[A-Za-z0-9]+")
 _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+[0-9]*|[A-Z]+[0-9]*|[0-9]+")
 
 
-def normalize_docid(text, fill_terms=(), min_words=MIN_WORDS, max_words=MAX_WORDS):
+def normalize_docid(text, fill_terms=(), min_words=MIN_WORDS, max_words=MAX_WORDS, doc=None):
     """Apply the DocID format rules to a generated DocID.
 
     Lowercases, keeps the first line, removes characters outside letters, digits, spaces and the
     inner symbols of special terms, drops articles / linking / auxiliary verbs and repeats, and cuts
-    to `max_words`. A DocID shorter than `min_words` is filled from `fill_terms` (the document's
-    own terms, most important first).
+    to `max_words`. With `doc`, words that cannot be derived from the document (rule 6) are
+    dropped too. A DocID shorter than `min_words` is filled from `fill_terms` (the document's own
+    terms, most important first).
     """
+    allowed = derivable(doc) if doc is not None else None
     lines = str(text).strip().lower().splitlines()
     line = lines[0] if lines else ""
     line = re.sub(r"[^a-z0-9._+#/\- ]", " ", line)
     words = []
     for token in line.split():
         token = token.strip(_SPECIAL_EDGE)
-        if token and token not in BANNED and token not in words:
+        if token and token not in BANNED and token not in words and (allowed is None or _from_doc(token, allowed)):
             words.append(token)
     for term in fill_terms:
         if len(words) >= min_words:
@@ -50,6 +52,15 @@ def normalize_docid(text, fill_terms=(), min_words=MIN_WORDS, max_words=MAX_WORD
         if term not in words and term not in BANNED:
             words.append(term)
     return " ".join(words[:max_words])
+
+
+def derivable(doc):
+    """The words a DocID of `doc` may use: its terms and its lowercased whitespace tokens."""
+    return set(terms(doc)) | {t.strip(_SPECIAL_EDGE + ",;:()[]{}'\"") for t in doc.lower().split()}
+
+
+def _from_doc(word, allowed):
+    return word in allowed or all(part in allowed for part in terms(word))
 
 
 def terms(text):

@@ -7,8 +7,10 @@ Shard mode:
 Launcher mode (`-total_num 0`, the default): every corpus of TASKS, one shard process per GPU,
 merged into dataset/MAIR-Data/gist_ids/<corpus>/title.jsonl (`{"id", "gist"}` per document).
 
-Each generated DocID goes through the format normaliser (docids.py); one that is empty after it
-(the model wrote nothing usable) is replaced by the extractive teacher's DocID and counted.
+Each generated DocID goes through the format normaliser (docids.py), which also drops words that
+do not come from the document and fills a DocID shorter than 6 words with the document's most
+distinctive terms; one that is empty after it is replaced by the extractive teacher's DocID and
+counted.
 """
 import logging
 import os
@@ -50,7 +52,7 @@ def docid_rows(generator, tokenizer, docs, teacher):
     rows, fallback = [], 0
     for d, (text,) in zip(docs, outputs):
         ranked = teacher.ranked_terms(d["doc"])
-        gist = normalize_docid(text, fill_terms=ranked)
+        gist = normalize_docid(text, fill_terms=ranked, doc=d["doc"])
         if not gist:
             gist, fallback = teacher.docid(d["doc"]) or normalize_docid(d["id"]), fallback + 1
         rows.append({"id": d["id"], "gist": gist})

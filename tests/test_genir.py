@@ -208,3 +208,23 @@ def test_two_process_evaluation_matches_one_process(trained, tmp_path):
     two = read_json(os.path.join(settings["OUT_DIR"], "t", "PyDoc-Net", "metrics.json"))["methods"]
     one = read_json(os.path.join(one_dir, "t", "PyDoc-Net", "metrics.json"))["methods"]
     assert two["ZeroGR"] == one["ZeroGR"] and two["BM25"] == one["BM25"]
+
+
+def test_fast_rerank_equals_scoring_whole_sequences(trained, settings):
+    """Rerank shares each prompt's cache across its candidates; the order must be that of scoring
+    every [query -> DocID] sequence on its own."""
+    docs = read_jsonl(mc.docs_path("PyDoc-Net", trained["root"]))
+    gists, _ = genir.load_docids("PyDoc-Net", docs)
+    queries, _, _ = genir.eval_queries("PyDoc-Net", {d["id"] for d in docs})
+    queries = queries[:4]
+    model, tok = lm.load_model(genir.model_dir("PyDoc-Net"))
+    token = genir.rank_token_id(tok)
+    ids = [d["id"] for d in docs]
+    rankings = {str(q["qid"]): ids[3 * i:3 * i + 4 + 2 * i] for i, q in enumerate(queries)}
+    fast = genir.rerank(model, tok, queries, rankings, gists, token)
+    for q in queries:
+        cands = rankings[str(q["qid"])]
+        prompt = genir.query_prompt(tok, q.get("instruction"), q["query"], genir.C["MAX_EVAL_QUERY_TOKENS"])
+        batch = lm.collate([lm.encode_example(tok, prompt, gists[d], 1000) for d in cands], tok.pad_token_id)
+        scores = genir.rank_scores(model, batch["input_ids"], batch["attention_mask"], token).tolist()
+        assert fast[str(q["qid"])] == [cands[j] for j in sorted(range(len(cands)), key=lambda j: -scores[j])]
