@@ -247,17 +247,19 @@ def test_launcher_runs_shards_merges_and_skips_finished(small_corpus, tiny_model
     assert again.returncode == 0 and "exists, skipped" in again.stderr
 
 
-def test_two_process_training_under_torchrun(tmp_path, tiny_model_path, demo_root):
+def test_two_process_training_under_accelerate_launch(tmp_path, tiny_model_path, demo_root):
+    """`accelerate launch --cpu` alone starts one process; the multi-process CPU form must give 2."""
     out = str(tmp_path / "qg2")
     config = str(tmp_path / "cfg.json")
     rows = sftqg.build_sft_data(["PyCode-Text"], demo_root)[:32]
     write_jsonl(rows, str(tmp_path / "sft.jsonl"))
     write_json({"sftqg": {"BASE_MODEL": tiny_model_path, "OUT_DIR": out, "SFT_DATA": str(tmp_path / "sft.jsonl"),
                           "EPOCHS": 1, "BATCH_SIZE": 4, "WARMUP_STEPS": 1, "LR": 1e-3}}, config)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
            "sftqg.py", "--config", config]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     with open(os.path.join(out, "training_complete.json")) as f:
         summary = json.load(f)
