@@ -27,3 +27,14 @@ def tiny_model_path(demo_root):
     if not os.path.exists(os.path.join(build_tiny.OUT_DIR, "config.json")):
         build_tiny.build()
     return build_tiny.OUT_DIR
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors and a tiny model: extra threads only add synchronisation (and stall when the
+    cores are busy)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,7 @@ TASK = "PyDoc-Net"
 N_DOCS, N_QUERIES, K = 300, 5, 15
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model: extra threads only add synchronisation (and stall when the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def docid_words(doc_id):
