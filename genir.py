@@ -300,10 +300,15 @@ def eval_queries(task, doc_ids):
     return decodable, qrels, report
 
 
+def process_state():
+    """This process's rank, process count and device (cuda:<local rank> under a multi-GPU launch)."""
+    from accelerate import PartialState
+    return PartialState(cpu=not lm.cuda_available())
+
+
 def split_for_process(items):
     """This process's share of `items` under accelerate / torchrun (all of them in one process)."""
-    from accelerate import PartialState
-    state = PartialState(cpu=not lm.cuda_available())
+    state = process_state()
     return items[state.process_index::state.num_processes], state
 
 
@@ -402,7 +407,7 @@ def evaluate_task(task, bm25_cache):
         bm25_cache[corpus] = metrics.BM25Index(docs)
     runs = {"bm25": metrics.bm25_search(bm25_cache[corpus], queries, k=C["MAX_RESULTS"],
                                         with_instruction=C["BM25_WITH_INSTRUCTION"])}
-    model, tokenizer = lm.load_model(model_dir(corpus), device="cuda" if lm.cuda_available() else "cpu")
+    model, tokenizer = lm.load_model(model_dir(corpus), device=process_state().device)
     token_id = rank_token_id(tokenizer)
     tree = load_trie(corpus, tokenizer, docs, gists)
     runs["zerogr"] = decode_queries(model, tokenizer, tree, queries, C["DECODE_MODE"])
@@ -479,7 +484,7 @@ def ablation(tasks):
         docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
         gists, _ = load_docids(corpus, docs)
         queries, qrels, _ = eval_queries(task, {d["id"] for d in docs})
-        model, tokenizer = lm.load_model(model_dir(corpus), device="cuda" if lm.cuda_available() else "cpu")
+        model, tokenizer = lm.load_model(model_dir(corpus), device=process_state().device)
         tree = load_trie(corpus, tokenizer, docs, gists)
         for mode in C["ABLATION_MODES"]:
             main_run = os.path.join(run_dir(), task, "zerogr.run")
