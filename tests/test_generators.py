@@ -14,7 +14,6 @@ import qg_vllm
 import shards
 import sftid
 import sftqg
-import title_vllm
 from config import parse_args
 from docids import ExtractiveTeacher, normalize_docid
 from file_io import DataError, read_jsonl, read_rows, write_json, write_jsonl

@@ -1,5 +1,4 @@
 """genir.py: retriever training, evaluation next to BM25, tables, bad input, the distributed path."""
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import lm
 import mair_config as mc
 import metrics
 from docids import ExtractiveTeacher
-from file_io import DataError, read_json, read_jsonl, write_json, write_jsonl
+from file_io import read_json, read_jsonl, write_json, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["PyDoc-Net", "PyCode-Dev"]

@@ -1,7 +1,6 @@
 """Prefix tree: shortest-unique-prefix semantics against a brute-force reference, order
 independence, per-query removal without copies, save/load, bad input."""
 import logging
-import random
 import re
 
 import numpy as np
