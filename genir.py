@@ -8,8 +8,9 @@ with reverse-annealed sampling, and evaluate next to BM25; also the decoding abl
 
 Per corpus: MODEL_DIR/<RUN>/<corpus>/ (retriever checkpoints, trie/). Per task:
 OUT_DIR/<RUN>/<task>/{bm25,zerogr,zerogr-rerank}.run (TREC) and metrics.json; then
-OUT_DIR/<RUN>/results.md (paper-style tables) and, for the ablation, ablation.md / ablation.png /
-schedule.png. A finished task is skipped on a rerun; a failing task is reported and the others go on.
+OUT_DIR/<RUN>/results.md (paper-style tables) and, for the ablation, a run per mode and task
+(ablation-<mode>.run), ablation.md / ablation.png / schedule.png. Finished tasks and ablation runs
+are reused on a rerun (delete them to recompute); a failing task is reported and the others go on.
 """
 import hashlib
 import json
@@ -487,11 +488,14 @@ def ablation(tasks):
         model, tokenizer = lm.load_model(model_dir(corpus), device=process_state().device)
         tree = load_trie(corpus, tokenizer, docs, gists)
         for mode in C["ABLATION_MODES"]:
-            main_run = os.path.join(run_dir(), task, "zerogr.run")
-            if mode == C["DECODE_MODE"] and os.path.exists(main_run):
-                run = metrics.read_trec_run(main_run)
+            name = "zerogr" if mode == C["DECODE_MODE"] else f"ablation-{mode}"
+            path = os.path.join(run_dir(), task, f"{name}.run")
+            if os.path.exists(path):  # the main run, or a mode finished by an earlier ablation run
+                run = metrics.read_trec_run(path)
             else:
                 run = metrics.run_from_rankings(decode_queries(model, tokenizer, tree, queries, mode))
+                if env_rank() == 0:
+                    metrics.write_trec_run(run, path, name)
             _, values = metrics.evaluate(qrels, run)
             for metric, by_qid in values.items():
                 per_query.setdefault(mode, {}).setdefault(metric, {}).update(

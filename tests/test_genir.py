@@ -184,6 +184,10 @@ def test_ablation_writes_table_and_plots(settings, trained):
     assert set(per_query) == set(genir.C["ABLATION_MODES"])
     n = len(read_jsonl(mc.queries_path("PyDoc-Net", trained["root"])))
     assert all(len(per_query[m]["Acc@1"]) == n for m in per_query)
+    cached = os.path.join(genir.run_dir(), "PyDoc-Net", "ablation-greedy.run")
+    assert os.path.exists(cached)
+    genir.ablation(["PyDoc-Net"])  # a rerun reuses the finished runs
+    assert read_json(os.path.join(genir.run_dir(), "ablation_per_query.json")) == per_query
 
 
 def test_two_process_evaluation_matches_one_process(trained, tmp_path):
