@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from file_io import write_json
+
 log = logging.getLogger("lm")
 
 IGNORE_INDEX = -100
@@ -273,8 +275,7 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
         unwrapped = accelerator.unwrap_model(module).lm
         unwrapped.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-        with open(os.path.join(out_dir, "training_complete.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(summary, os.path.join(out_dir, "training_complete.json"))  # written last: marks the model done
         if wandb_run:
             import wandb
             table = wandb.Table(columns=["epoch", "loss", "steps", "seconds"],
