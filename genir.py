@@ -392,13 +392,22 @@ def write_runs(task, runs):
         metrics.write_trec_run(metrics.run_from_rankings(rankings), os.path.join(folder, f"{name}.run"), name)
 
 
-def evaluate_task(task, bm25_cache):
-    """Evaluate one task: BM25, ZeroGR (generation order) and ZeroGR reranked; returns its metrics."""
-    started = time.time()
+def load_task(task):
+    """(corpus, docs, DocIDs, their warnings, queries to decode, qrels, qrels report, retriever,
+    tokenizer, prefix tree) of an evaluation task."""
     corpus = mair_config.corpus_of(task)
     docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
     gists, warnings = load_docids(corpus, docs)
     queries, qrels, report = eval_queries(task, {d["id"] for d in docs})
+    model, tokenizer = lm.load_model(model_dir(corpus), device=process_state().device)
+    tree = load_trie(corpus, tokenizer, docs, gists)
+    return corpus, docs, gists, warnings, queries, qrels, report, model, tokenizer, tree
+
+
+def evaluate_task(task, bm25_cache):
+    """Evaluate one task: BM25, ZeroGR (generation order) and ZeroGR reranked; returns its metrics."""
+    started = time.time()
+    corpus, docs, gists, warnings, queries, qrels, report, model, tokenizer, tree = load_task(task)
     if report.get("empty_query"):
         warnings.append(f"{task}: {report['empty_query']} empty queries (scored 0)")
     if report.get("unknown_labels"):
@@ -408,9 +417,7 @@ def evaluate_task(task, bm25_cache):
         bm25_cache[corpus] = metrics.BM25Index(docs)
     runs = {"bm25": metrics.bm25_search(bm25_cache[corpus], queries, k=C["MAX_RESULTS"],
                                         with_instruction=C["BM25_WITH_INSTRUCTION"])}
-    model, tokenizer = lm.load_model(model_dir(corpus), device=process_state().device)
     token_id = rank_token_id(tokenizer)
-    tree = load_trie(corpus, tokenizer, docs, gists)
     runs["zerogr"] = decode_queries(model, tokenizer, tree, queries, C["DECODE_MODE"])
     if C["RERANK"]:
         runs["zerogr-rerank"] = rerank(model, tokenizer, queries, runs["zerogr"], gists, token_id)
@@ -462,12 +469,10 @@ def write_tables(tasks):
 
 
 def log_wandb_tables(results):
-    mode = str(C["WANDB"]).lower()
-    if mode in ("0", "false", "disabled", "off", "none") or not lm.has_package("wandb"):
+    run = lm.wandb_run(C["WANDB"], C["WANDB_PROJECT"], f"{C['RUN']}-results", run_dir())
+    if run is None:
         return
     import wandb
-    run = wandb.init(project=C["WANDB_PROJECT"], name=f"{C['RUN']}-results",
-                     mode="online" if mode in ("1", "true", "online") else mode, dir=run_dir())
     columns = ["task", "domain", "method"] + list(metrics.MEASURES)
     rows = [[t, r["domain"], m] + [vals.get(k) for k in metrics.MEASURES]
             for t, r in results.items() for m, vals in r["methods"].items()]
@@ -481,12 +486,7 @@ def ablation(tasks):
     """Every decoding mode on every query of `tasks`, with the trained retrievers; table and plots."""
     per_query = {}
     for task in tasks:
-        corpus = mair_config.corpus_of(task)
-        docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
-        gists, _ = load_docids(corpus, docs)
-        queries, qrels, _ = eval_queries(task, {d["id"] for d in docs})
-        model, tokenizer = lm.load_model(model_dir(corpus), device=process_state().device)
-        tree = load_trie(corpus, tokenizer, docs, gists)
+        _, _, _, _, queries, qrels, _, model, tokenizer, tree = load_task(task)
         for mode in C["ABLATION_MODES"]:
             name = "zerogr" if mode == C["DECODE_MODE"] else f"ablation-{mode}"
             path = os.path.join(run_dir(), task, f"{name}.run")

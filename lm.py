@@ -179,13 +179,14 @@ def _save_dir_atomically(out_dir, name, save_fn):
     return final
 
 
-def _wandb_run(cfg, out_dir):
-    mode = str(cfg.get("wandb") or os.environ.get("WANDB_MODE") or "disabled").lower()
+def wandb_run(setting, project, name, out_dir, config=None):
+    """A wandb run when `setting` (online / offline, else $WANDB_MODE) turns it on, else None."""
+    mode = str(setting or os.environ.get("WANDB_MODE") or "disabled").lower()
     if mode in ("0", "false", "disabled", "off", "none") or not has_package("wandb"):
         return None
     import wandb
-    return wandb.init(project=cfg.get("wandb_project", "zerogr"), name=os.path.basename(out_dir.rstrip("/")),
-                      mode="online" if mode in ("1", "true", "online") else mode, config=cfg, dir=out_dir)
+    return wandb.init(project=project, name=name, mode="online" if mode in ("1", "true", "online") else mode,
+                      config=config, dir=out_dir)
 
 
 def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_batches=None,
@@ -230,7 +231,8 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
         if main:
             log.info("%s: resuming from %s (epoch %d done, step %d)", desc, resume_from, start_epoch, global_step)
 
-    wandb_run = _wandb_run(cfg, out_dir) if main else None
+    run = wandb_run(cfg.get("wandb"), cfg.get("wandb_project", "zerogr"), os.path.basename(out_dir.rstrip("/")),
+                    out_dir, cfg) if main else None
     if main:
         log.info("%s: %d examples, %d processes, %d optimizer steps/epoch, %d epochs, warmup %d -> %s",
                  desc, len(examples), accelerator.num_processes, steps_per_epoch, cfg["epochs"], warmup, out_dir)
@@ -257,8 +259,8 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
             total, count = total + value, count + 1
             running = value if running is None else 0.98 * running + 0.02 * value
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if wandb_run and global_step % cfg.get("log_every", 10) == 0 and accelerator.sync_gradients:
-                wandb_run.log({"loss": value, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, step=global_step)
+            if run and global_step % cfg.get("log_every", 10) == 0 and accelerator.sync_gradients:
+                run.log({"loss": value, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, step=global_step)
         mean_loss = accelerator.gather(torch.tensor([total / max(count, 1)], device=accelerator.device)).mean().item()
         history.append({"epoch": epoch + 1, "loss": mean_loss, "steps": global_step,
                         "seconds": round(time.time() - started, 1)})
@@ -276,12 +278,12 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
         unwrapped.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         write_json(summary, os.path.join(out_dir, "training_complete.json"))  # written last: marks the model done
-        if wandb_run:
+        if run:
             import wandb
             table = wandb.Table(columns=["epoch", "loss", "steps", "seconds"],
                                 data=[[h["epoch"], h["loss"], h["steps"], h["seconds"]] for h in history])
-            wandb_run.log({"epochs": table})
-            wandb_run.finish()
+            run.log({"epochs": table})
+            run.finish()
         log.info("%s: done, model saved to %s", desc, out_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
