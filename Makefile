@@ -7,7 +7,10 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# A GPU node (nvidia-smi answers) first installs requirements-gpu.txt: vLLM and the CUDA build of
+# PyTorch it pins (Python 3.11+). Elsewhere TORCH is installed first: the CPU build.
+GPU_NODE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
 ifeq ($(origin PY),undefined)
@@ -25,8 +28,9 @@ export PYTHONUNBUFFERED := 1
 
 DEMO_DATA := dataset/MAIR-Docs/.demo-built
 TINY_MODEL := models/tiny-llama/config.json
+REAL_MODEL := models/SmolLM2-135M-Instruct/conversion.json
 
-.PHONY: test demo data model env clean
+.PHONY: test demo data model real-model env clean
 
 test: $(ENV) $(DEMO_DATA) $(TINY_MODEL)
 	$(PY) -m pytest -q tests
@@ -47,11 +51,17 @@ demo: $(ENV) $(DEMO_DATA) $(TINY_MODEL)
 env: $(ENV)
 data: $(ENV) $(DEMO_DATA)
 model: $(ENV) $(TINY_MODEL)
+real-model: $(ENV) $(REAL_MODEL)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-gpu.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
+ifeq ($(GPU_NODE),1)
+	$(VENV)/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11) and "vLLM 0.33 needs Python 3.11+: make PYTHON=python3.11")'
+	$(VENV)/bin/python -m pip install -q -r requirements-gpu.txt
+else
 	$(VENV)/bin/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+endif
 	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
 	touch $@
 
@@ -62,5 +72,8 @@ $(DEMO_DATA): dataset/build_demo.py
 $(TINY_MODEL): models/build_tiny.py $(DEMO_DATA)
 	$(PY) -m models.build_tiny
 
+$(REAL_MODEL): models/get_smollm2.py
+	$(PY) -m models.get_smollm2
+
 clean:
-	rm -rf dataset/MAIR-Docs dataset/MAIR-Queries dataset/MAIR-Data models/tiny-* models/genir out log
+	rm -rf dataset/MAIR-Docs dataset/MAIR-Queries dataset/MAIR-Data models/tiny-* models/SmolLM2-* models/genir out log

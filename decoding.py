@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessor
 
-from prefix_tree import DeviceTrie, Removals
+from device_trie import DeviceTrie, Removals, _live_candidates, _RootCandidates
 
 log = logging.getLogger("decoding")
 
@@ -40,16 +40,13 @@ TOP_P = 0.9
 NUCLEUS_TEMPERATURE = 1.0
 MAX_RESULTS = 100     # documents per query in the ranking
 BATCH_SIZE = 32       # queries decoded together (beam search: times num_beams rows)
+BEAM_TOKEN_BUDGET = 1 << 17  # beam search: queries x beams x longest prompt per batch (~14 GiB of bf16 KV at 3B)
 COLUMN_BUDGET = 32    # generated cache columns before the cache is cropped back to the prompts
 MODES = ("greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam")
 
 
-_MASK64 = (1 << 64) - 1
-
-
 def _int64(value):
     """A 64-bit constant as a signed int64 (torch integer arithmetic wraps around)."""
-    value &= _MASK64
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
@@ -181,10 +178,6 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     def __init__(self, trie, prompt_len=0, temperature=0.0, top_k=0, top_p=1.0, removals=None, row_query=None):
         self.trie, self.prompt_len, self.removals = trie, prompt_len, removals
-        self.set_rows(temperature, top_k, top_p, row_query)
-
-    def set_rows(self, temperature, top_k=0, top_p=1.0, row_query=None):
-        """Set the per-row (or shared) sampling settings and the query of each row."""
         self.warper = RowWarper(temperature, top_k, top_p, self.trie.device)
         self.row_query = None if row_query is None else torch.as_tensor(row_query, dtype=torch.long,
                                                                         device=self.trie.device)
@@ -280,59 +273,6 @@ class Retrieval:
     ranking: list = field(default_factory=list)  # [(doc_id, score)], strictly decreasing scores
 
 
-class _RootCandidates:
-    """Each row's root children ordered by its prompt logits, best first, computed once per batch:
-    a draw at the root takes the first live ones instead of scanning the vocabulary. Each draw
-    kills at most one root child, so `depth` = top-k + draws always leaves top-k live ones."""
-
-    def __init__(self, trie, first_logits, depth=None):
-        start, end = int(trie.child_ptr[0]), int(trie.child_ptr[1])
-        tokens = trie.token[start:end].long()
-        depth = end - start if depth is None else min(depth, end - start)
-        self.values, order = first_logits[:, tokens].topk(depth, dim=1)
-        self.children = order + start
-
-
-def _live_candidates(trie, removals, roots, logits, rows, queries, nodes, width=None):
-    """(values, children): for each row, the live children of its node (for its query) and their
-    logits, best first, at most `width` (None: all), padded with -inf / -1. Rows at the root use
-    `roots`; the others gather their logits at their children only."""
-    n, device, neg_inf = len(rows), logits.device, float("-inf")
-    at_root = nodes == 0
-    parts = []
-    r = torch.nonzero(at_root).squeeze(1)
-    if r.numel():
-        child = roots.children[rows[r]]
-        live = ~removals.is_dead(queries[r, None].expand_as(child), child)
-        w = child.shape[1] if width is None else min(width, child.shape[1])
-        rank = live.cumsum(1) - 1
-        col = torch.where(live & (rank < w), rank, w)  # the extra column takes the dropped ones
-        values = torch.full((len(r), w + 1), neg_inf, device=device).scatter_(1, col, roots.values[rows[r]])
-        children = torch.full((len(r), w + 1), -1, device=device).scatter_(1, col, child)
-        parts.append((r, values[:, :w], children[:, :w]))
-    o = torch.nonzero(~at_root).squeeze(1)
-    if o.numel():
-        row, child = trie.children(nodes[o])
-        live = ~removals.is_dead(queries[o][row], child)
-        row, child = row[live], child[live]
-        count = torch.bincount(row, minlength=len(o))
-        w = int(count.max())
-        offset = torch.arange(len(row), device=device) - (count.cumsum(0) - count)[row]
-        values = torch.full((len(o), w), neg_inf, device=device)
-        values[row, offset] = logits[rows[o][row], trie.token[child].long()]
-        children = torch.full((len(o), w), -1, device=device)
-        children[row, offset] = child
-        values, order = values.topk(w if width is None else min(width, w), dim=1)
-        parts.append((o, values, children.gather(1, order)))
-    w = max(1, *(part[1].shape[1] for part in parts))  # a row without live children keeps one -inf
-    out_values = torch.full((n, w), neg_inf, device=device)
-    out_children = torch.full((n, w), -1, dtype=torch.long, device=device)
-    for index, values, children in parts:
-        out_values[index, :values.shape[1]] = values
-        out_children[index, :children.shape[1]] = children
-    return out_values, out_children
-
-
 def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, seeds):
     """Leaves decoded per query: its i-th DocID drawn at temperatures[i] and removed from that
     query's tree before the next one (`draws` rows per query draw side by side when > 1).
@@ -378,7 +318,7 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, seeds
             q = row_query[idx]
             warper = RowWarper(temperatures[row_draw[idx].clamp(max=n_draws - 1)], top_k, top_p, device)
             values, children = _live_candidates(trie, removals, roots, logits, idx, q, nodes[idx], warper.k_max)
-            candidate_tokens = trie.token[children.clamp(min=0)].long()
+            candidate_tokens = trie.token[children.clamp(min=0)]
             uniform = counter_uniform(seeds[q][:, None], row_draw[idx][:, None], depth[idx][:, None],
                                       candidate_tokens)
             pick = warper.pick(values, candidate_tokens, uniform=uniform)[:, None]
@@ -480,6 +420,19 @@ def _beam_search(model, trie, prompts, n_leaves, num_beams):
     return [trie.leaf_index(leaf[torch.isfinite(s)]).tolist() for leaf, s in zip(pool_leaf, pool_score)]
 
 
+def _query_chunks(order, prompts, batch_size, rows_per_query, token_budget):
+    """Consecutive runs of `order` (by ascending prompt length) of at most batch_size queries whose
+    rows x longest prompt stay within token_budget (None: no limit); a query alone over it runs alone."""
+    chunks, current = [], []
+    for i in order:
+        over = token_budget is not None and (len(current) + 1) * rows_per_query * len(prompts[i]) > token_budget
+        if current and (len(current) == batch_size or over):
+            chunks.append(current)
+            current = []
+        current.append(i)
+    return chunks + [current] if current else chunks
+
+
 def _ranking(tree, leaves, max_results):
     docs = []
     for leaf in leaves:
@@ -491,7 +444,8 @@ def _ranking(tree, leaves, max_results):
 
 def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX,
            top_k=TOP_K, top_p=TOP_P, temperature=NUCLEUS_TEMPERATURE, num_beams=None, batch_size=BATCH_SIZE,
-           max_results=MAX_RESULTS, seed=0, draws_per_round=1, progress=True, keys=None):
+           max_results=MAX_RESULTS, seed=0, draws_per_round=1, progress=True, keys=None,
+           beam_token_budget=BEAM_TOKEN_BUDGET):
     """Decode up to K DocIDs per prompt under the prefix tree; returns one `Retrieval` per prompt.
 
     trie: a PrefixTree (or a DeviceTrie on the model's device). prompts: token-id lists, each the
@@ -499,10 +453,11 @@ def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m
     "iterative_greedy" (K greedy draws), "nucleus" (K draws at `temperature`), "reverse_annealed"
     (draw i at t_i of the schedule (K, k, m, t_max)), all without replacement and with top_k /
     top_p on sampled draws; "beam" (beam search with num_beams, default K, returning up to K leaves
-    by sequence log-prob). draws_per_round > 1 lets that many rows per query draw side by side (a
-    faster approximation; 1 is exact). Each leaf expands to all its documents, cut at max_results.
-    keys (e.g. the qids) seed each query's sampling with `seed`: the same key draws the same DocIDs
-    in any batch or process (default: the prompt's position).
+    by sequence log-prob; queries x beams x longest prompt of a batch kept within beam_token_budget,
+    None: no limit). draws_per_round > 1 lets that many rows per query draw side by side (a faster
+    approximation; 1 is exact). Each leaf expands to all its documents, cut at max_results. keys
+    (e.g. the qids) seed each query's sampling with `seed`: the same key draws the same DocIDs in
+    any batch or process (default: the prompt's position).
     """
     if mode not in MODES:
         raise ValueError(f"unknown decoding mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -525,16 +480,18 @@ def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m
         raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     seeds = [query_seed(seed, key) for key in keys]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
+    num_beams = num_beams or K
+    chunks = _query_chunks(order, prompts, batch_size, num_beams if mode == "beam" else draws_per_round,
+                           beam_token_budget if mode == "beam" else None)
     leaves = [None] * len(prompts)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in tqdm(range(0, len(order), batch_size), desc=f"decode ({mode})", disable=not progress):
-                index = order[start:start + batch_size]
+            for index in tqdm(chunks, desc=f"decode ({mode})", disable=not progress):
                 batch = [prompts[i] for i in index]
                 if mode == "beam":
-                    found = _beam_search(model, trie, batch, K, num_beams or K)
+                    found = _beam_search(model, trie, batch, K, num_beams)
                 else:
                     found = _sample_draws(model, trie, batch, temperatures, top_k, top_p, draws_per_round,
                                           [seeds[i] for i in index])

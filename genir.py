@@ -13,10 +13,10 @@ OUT_DIR/<RUN>/results.md (paper-style tables) and, for the ablation, a run per m
 are reused on a rerun (delete them to recompute); a failing task is reported and the others go on.
 """
 import hashlib
+import itertools
 import json
 import logging
 import os
-import random
 import sys
 import time
 
@@ -28,11 +28,11 @@ import decoding
 import lm
 import mair_config
 import metrics
+import train_data
 from config import env_rank, parse_args, setup_logging
-from file_io import DataError, atomic_open, read_json, read_rows, write_json, write_jsonl
+from file_io import DataError, atomic_open, read_json, read_rows, write_json
 from prefix_tree import PrefixTree
-from prompts import retrieval_prompt
-from shards import read_docs, task_instruction
+from shards import read_docs
 
 C = {
     "BASE_MODEL": "models/Llama-3.2-3B-Instruct",   # ZeroGR-3B (the released code used the 1B model)
@@ -55,6 +55,8 @@ C = {
     "BATCH_SIZE": 16,                               # per device
     "GRAD_ACCUM": 1,
     "GRAD_CLIP": 1.0,
+    "KEEP_CHECKPOINTS": 0,                          # newest epoch checkpoints kept (0 = all, as released)
+    "DIST_TIMEOUT": 1800,                           # seconds a rank waits for the others before the launch stops
     "MAX_LEN": 200,
     "MAX_INSTRUCTION_TOKENS": 64,
     "MAX_QUERY_TOKENS": 64,                         # training queries
@@ -76,6 +78,7 @@ C = {
     "TOP_P": 0.9,
     "NUCLEUS_TEMPERATURE": 1.0,
     "NUM_BEAMS": None,                              # beam mode: None = K beams
+    "BEAM_TOKEN_BUDGET": decoding.BEAM_TOKEN_BUDGET,  # beam mode: queries x beams x prompt tokens per batch
     "DRAWS_PER_ROUND": 1,                           # > 1: faster approximation of the sequential draws
     "MAX_RESULTS": 100,
     "EVAL_BATCH_SIZE": 32,
@@ -116,57 +119,21 @@ def load_docids(corpus, docs):
         else:
             unknown += 1
     missing = [d["id"] for d in docs if not str(gists.get(d["id"], "")).strip()]
-    warnings = []
-    if unknown:
-        warnings.append(f"{path}: {unknown} DocIDs for documents not in the corpus, ignored")
-    if missing:
-        warnings.append(f"{path}: {len(missing)} of {len(docs)} documents have no DocID and cannot be "
-                        f"retrieved, e.g. {', '.join(missing[:3])}")
+    warnings = train_data.docid_warnings(path, unknown, len(missing), len(docs), missing)
     for w in warnings:
         log.warning(w)
     return {k: v for k, v in gists.items() if v.strip()}, warnings
 
 
-def docasq_rows(corpus, docs, instruction):
-    """Document-as-query examples: DOCASQ_N passages of DOCASQ_WORDS words cut from each document
-    (seeded random windows; a short document gives fewer, distinct passages)."""
-    rng = random.Random(C["SEED"])
-    rows = []
-    for d in docs:
-        words = d["doc"].split()
-        if not words:
-            continue
-        span = C["DOCASQ_WORDS"]
-        starts = sorted({rng.randrange(max(1, len(words) - span + 1)) for _ in range(C["DOCASQ_N"])})
-        for s in starts:
-            rows.append({"instruction": instruction, "query": " ".join(words[s:s + span]),
-                         "labels": [{"id": d["id"], "score": 1}]})
-    return rows
-
-
 def training_queries(corpus, docs):
-    """Pseudo-queries (required) plus document-as-query examples (built when missing)."""
-    path = mair_config.pseudo_queries_path(corpus, C["QG_SUFIX"], C["NUM_Q"], C["DATA_ROOT"])
-    if not os.path.exists(path):
-        raise DataError(f"{corpus}: no pseudo-queries at {path} (run qg_vllm.py first)")
-    rows = read_rows(path, ("instruction", "query", "labels"))
-    if C["DOCASQ_N"] > 0:
-        docasq = mair_config.docasq_path(corpus, C["DOCASQ_N"], C["DATA_ROOT"])
-        if not os.path.exists(docasq):
-            instruction = task_instruction(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
-            extra = docasq_rows(corpus, docs, instruction)
-            if env_rank() == 0:
-                write_jsonl(extra, docasq)
-                log.info("%s: %d document-as-query examples -> %s", corpus, len(extra), docasq)
-        else:
-            extra = read_rows(docasq, ("instruction", "query", "labels"))
-        rows = rows + extra
-    return rows
+    """The corpus's training set (pseudo-queries, then document-as-query passages, built when
+    missing), indexed on disk under its retriever's folder; `docs`: the corpus rows, streamed when
+    the index is (re)built (see train_data.prepare)."""
+    return train_data.prepare(corpus, docs, os.path.join(model_dir(corpus), "train_data"), C)
 
 
 def query_prompt(tokenizer, instruction, query, max_query_tokens):
-    return retrieval_prompt(lm.truncate_tokens(tokenizer, instruction or "", C["MAX_INSTRUCTION_TOKENS"]),
-                            lm.truncate_tokens(tokenizer, query, max_query_tokens))
+    return train_data.query_prompt(tokenizer, instruction, query, C["MAX_INSTRUCTION_TOKENS"], max_query_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- ranking head
@@ -197,34 +164,11 @@ def ranknet_loss(model, batch):
 
 
 def rank_groups(tokenizer, docs, gists, queries, token_id):
-    """An endless supplier of ranking batches: per step, BATCH_SIZE // GROUP_SIZE groups of one
-    pseudo-query's positive and GROUP_SIZE-1 BM25 negatives (one pseudo-query per document)."""
-    first = {}
-    for q in queries:
-        doc_id = q["labels"][0]["id"]
-        if doc_id in gists and doc_id not in first:
-            first[doc_id] = q
-    positives = list(first)
-    negatives = metrics.bm25_negatives(docs, [first[d]["query"] for d in positives], positives,
-                                       k=C["NEGATIVE_DEPTH"], n=C["GROUP_SIZE"] - 1, seed=C["SEED"])
-    groups = [(first[d], [d] + [n for n in negs if n in gists]) for d, negs in zip(positives, negatives)]
-    groups = [(q, cands) for q, cands in groups if len(cands) == C["GROUP_SIZE"]]
-    per_step = max(1, C["BATCH_SIZE"] // C["GROUP_SIZE"])
-    rng = random.Random(C["SEED"])
-
-    def supplier(step):
-        if not C["RANK_LOSS"] or not groups or step % C["RANK_EVERY"] != 0:
-            return None
-        examples = []
-        for q, cands in rng.sample(groups, min(per_step, len(groups))):
-            prompt = query_prompt(tokenizer, q["instruction"], q["query"], C["MAX_QUERY_TOKENS"])
-            examples.extend(lm.encode_example(tokenizer, prompt, gists[c], C["MAX_LEN"]) for c in cands)
-        batch = lm.collate(examples, tokenizer.pad_token_id)
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "token_id": token_id, "group_size": C["GROUP_SIZE"]}
-
-    log.info("ranking loss: %d groups of %d (every %d steps)", len(groups), C["GROUP_SIZE"], C["RANK_EVERY"])
-    return supplier
+    """An endless supplier of ranking batches (train_data.RankGroups): per step, BATCH_SIZE //
+    GROUP_SIZE groups of one training query's positive and GROUP_SIZE-1 negatives from its BM25 top
+    NEGATIVE_DEPTH over `docs` (a BM25 index or the corpus rows); `gists`: the DocIDs, `queries`:
+    the training set."""
+    return train_data.RankGroups(tokenizer, docs, gists, queries, token_id, C)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -232,7 +176,7 @@ def rank_groups(tokenizer, docs, gists, queries, token_id):
 def check_docid_tokens(tokenizer, gists, sample=50):
     """The DocID tokens the retriever learns (inside the chat) must be the trie's tokens."""
     bad = 0
-    for doc_id in list(gists)[:sample]:
+    for doc_id in itertools.islice(gists, sample):
         ex = lm.encode_example(tokenizer, "q", gists[doc_id], 10_000)
         answer = [t for t in ex["labels"] if t != lm.IGNORE_INDEX]
         alone = tokenizer(gists[doc_id], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -243,31 +187,24 @@ def check_docid_tokens(tokenizer, gists, sample=50):
     return bad
 
 
+def training_data(data, tokenizer, token_id):
+    """A training set's examples (a dataset encoded on access) and its ranking-batch supplier (None
+    without the ranking loss)."""
+    check_docid_tokens(tokenizer, data.docs)
+    supplier = rank_groups(tokenizer, data.bm25, data.docs, data, token_id) if C["RANK_LOSS"] else None
+    return train_data.EncodedExamples(data, tokenizer, C), supplier
+
+
 def train_corpus(corpus):
     """Train (or resume) the retriever of one corpus; returns its directory."""
     out = model_dir(corpus)
     if lm.training_done(out):
         log.info("%s: retriever already trained at %s", corpus, out)
         return out
-    docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
-    gists, _ = load_docids(corpus, docs)
-    queries = training_queries(corpus, docs)
+    data = training_queries(corpus, train_data.CorpusFile(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"])))
     model, tokenizer, resume = lm.load_for_training(C["BASE_MODEL"], out)
-    token_id = rank_token_id(tokenizer, model)
-    check_docid_tokens(tokenizer, gists)
-    examples, skipped = [], 0
-    for q in tqdm(queries, desc=f"{corpus}: encode", disable=env_rank() != 0, dynamic_ncols=True):
-        doc_id = str(q["labels"][0]["id"])
-        if doc_id not in gists:
-            skipped += 1
-            continue
-        prompt = query_prompt(tokenizer, q["instruction"], q["query"], C["MAX_QUERY_TOKENS"])
-        examples.append(lm.encode_example(tokenizer, prompt, gists[doc_id], C["MAX_LEN"]))
-    if skipped:
-        log.warning("%s: %d training queries point to documents without a DocID; skipped", corpus, skipped)
-    supplier = rank_groups(tokenizer, docs, gists, queries, token_id) if C["RANK_LOSS"] else None
-    cfg = lm.sft_config(C)
-    lm.train_sft(model, tokenizer, examples, out, cfg, extra_loss=ranknet_loss if supplier else None,
+    examples, supplier = training_data(data, tokenizer, rank_token_id(tokenizer, model))
+    lm.train_sft(model, tokenizer, examples, out, lm.sft_config(C), extra_loss=ranknet_loss if supplier else None,
                  extra_batches=supplier, resume_from=resume, desc=f"genir {corpus}")
     return out
 
@@ -303,8 +240,7 @@ def eval_queries(task, doc_ids):
 
 def process_state():
     """This process's rank, process count and device (cuda:<local rank> under a multi-GPU launch)."""
-    from accelerate import PartialState
-    return PartialState(cpu=not lm.cuda_available())
+    return lm.init_distributed(C["DIST_TIMEOUT"])
 
 
 def split_for_process(items):
@@ -329,7 +265,8 @@ def decode_queries(model, tokenizer, tree, queries, mode):
                             t_max=C["T_MAX"], top_k=C["TOP_K"], top_p=C["TOP_P"],
                             temperature=C["NUCLEUS_TEMPERATURE"], num_beams=C["NUM_BEAMS"],
                             batch_size=C["EVAL_BATCH_SIZE"], max_results=C["MAX_RESULTS"], seed=C["SEED"],
-                            draws_per_round=C["DRAWS_PER_ROUND"], progress=state.is_main_process,
+                            draws_per_round=C["DRAWS_PER_ROUND"], beam_token_budget=C["BEAM_TOKEN_BUDGET"],
+                            progress=state.is_main_process,
                             keys=[str(q["qid"]) for q in mine])
     local = [(str(q["qid"]), [doc for doc, _ in r.ranking]) for q, r in zip(mine, found)]
     return dict(gather(local, state))
@@ -521,6 +458,18 @@ def ablation(tasks):
 
 # ---------------------------------------------------------------------------------------------- main
 
+def record_failure(failures, name, step, error):
+    """One corpus or task failing must not stop the others. Under a multi-process launch only bad
+    data (which every rank meets alike) is skipped: any other error ends this rank, and the launcher
+    (torchrun / accelerate) then stops the others, naming the rank, instead of leaving them waiting
+    in a collective for DIST_TIMEOUT seconds. A rerun resumes with every finished corpus and task."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not isinstance(error, DataError):
+        log.error("rank %d: %s %s failed; stopping this launch (rerun to resume)", env_rank(), name, step)
+        raise error
+    log.exception("%s: %s failed", name, step)
+    failures[name] = f"{type(error).__name__}: {error}"
+
+
 def main(argv=None):
     parse_args("genir", C, argv=argv, description=__doc__)
     setup_logging(env_rank())
@@ -534,9 +483,8 @@ def main(argv=None):
         for corpus in mair_config.corpora_of(tasks):
             try:
                 train_corpus(corpus)
-            except Exception as e:  # one corpus failing must not stop the others
-                log.exception("%s: training failed", corpus)
-                failures[corpus] = f"{type(e).__name__}: {e}"
+            except Exception as e:
+                record_failure(failures, corpus, "training", e)
     if C["STAGE"] in ("all", "eval"):
         bm25_cache = {}
         for task in tasks:
@@ -550,8 +498,7 @@ def main(argv=None):
                 result = evaluate_task(task, bm25_cache)
                 log.info("%s: %s", task, {m: round(v["Acc@1"] * 100, 1) for m, v in result["methods"].items()})
             except Exception as e:
-                log.exception("%s: evaluation failed", task)
-                failures[task] = f"{type(e).__name__}: {e}"
+                record_failure(failures, task, "evaluation", e)
     if C["STAGE"] == "ablation":
         ablation(tasks)
     elif env_rank() == 0:

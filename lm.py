@@ -55,12 +55,15 @@ def load_tokenizer(path):
     return tokenizer
 
 
-def load_model(path, device=None, dtype=None):
-    """(model, tokenizer): bf16 + FlashAttention-2 + Liger on CUDA where installed, float32 + SDPA on CPU."""
+def load_model(path, device=None, dtype=None, on_cuda=None):
+    """(model, tokenizer): bf16 + FlashAttention-2 + Liger for a model that runs on CUDA (`device`
+    cuda, or `on_cuda` for one that a trainer moves there later) where installed; float32 + SDPA for
+    one that stays on the CPU, whatever the machine."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path)
-    on_cuda = cuda_available() if device is None else str(device).startswith("cuda")
+    if on_cuda is None:
+        on_cuda = device is not None and str(device).startswith("cuda")
     dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
     kwargs = {"dtype": dtype, "attn_implementation": attention_implementation() if on_cuda else "sdpa"}
     if on_cuda and has_package("liger_kernel"):
@@ -149,6 +152,18 @@ class SFTModule(torch.nn.Module):
         return loss
 
 
+DIST_TIMEOUT_S = 1800  # a collective waiting longer than this means a rank died or hangs
+
+
+def init_distributed(timeout_s=DIST_TIMEOUT_S):
+    """This process's accelerate state; under a multi-process launch the process group is created
+    here (once per process) with `timeout_s`, so a rank that dies or hangs stops the others."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+    return PartialState(cpu=not cuda_available(), timeout=timedelta(seconds=timeout_s))
+
+
 def _checkpoints(out_dir):
     if not os.path.isdir(out_dir):
         return []
@@ -189,13 +204,38 @@ def wandb_run(setting, project, name, out_dir, config=None):
                       config=config, dir=out_dir)
 
 
+class ShuffledOrder(torch.utils.data.RandomSampler):
+    """A seeded RandomSampler (a generator, no replacement) without its Python list of every index
+    (about 40 bytes an example, GBs on a large corpus): the epoch's permutation stays a tensor (8
+    bytes an example), handed out in slices. The same generator draws, so the same order, epoch
+    after epoch."""
+
+    def __iter__(self):
+        n, step = len(self.data_source), 1 << 16
+        order = torch.randperm(n, generator=self.generator)
+        for start in range(0, n, step):
+            yield from order[start:start + step].tolist()
+        del order
+        torch.randperm(n, generator=self.generator)  # RandomSampler draws an unused one at each epoch's end
+
+
+def sft_loader(examples, batch_size, seed, pad_id):
+    """Shuffled (seeded), right-padded batches of `examples`: a list or any map-style dataset."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(examples, batch_size=batch_size, generator=generator,
+                                       sampler=ShuffledOrder(examples, generator=generator),
+                                       collate_fn=lambda b: collate(b, pad_id))
+
+
 def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_batches=None,
               resume_from=None, desc="sft"):
-    """Fine-tune `model` on encoded `examples` with AdamW, constant LR after warmup, grad clip,
-    gradient accumulation; a checkpoint (model + tokenizer + optimizer state) per epoch; resume.
+    """Fine-tune `model` on encoded `examples` (a list or a map-style dataset) with AdamW, constant LR
+    after warmup, grad clip, gradient accumulation; a checkpoint (model + tokenizer + optimizer
+    state) per epoch; resume.
 
     cfg keys: lr, epochs, batch_size, grad_accum, warmup_steps (int) or warmup_ratio (fraction of
-    an epoch), grad_clip, seed, log_every, wandb, wandb_project. `extra_batches(step)` returns the
+    an epoch), grad_clip, seed, log_every, wandb, wandb_project, keep_checkpoints (newest epoch
+    checkpoints kept; 0 = all), dist_timeout (seconds). `extra_batches(step)` returns the
     auxiliary batch (or None) for a step; `extra_loss(lm, batch)` scores it.
     Returns a summary dict (losses per epoch, steps, seconds, num_processes).
     """
@@ -203,14 +243,13 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
     from accelerate.utils import set_seed
     from transformers import get_constant_schedule_with_warmup
 
+    init_distributed(cfg.get("dist_timeout", DIST_TIMEOUT_S))
     accelerator = Accelerator(cpu=not cuda_available(), gradient_accumulation_steps=cfg.get("grad_accum", 1))
     set_seed(cfg.get("seed", 0))
     main = accelerator.is_main_process
     if not examples:
         raise ValueError(f"{desc}: no training examples")
-    generator = torch.Generator().manual_seed(cfg.get("seed", 0))
-    loader = torch.utils.data.DataLoader(examples, batch_size=cfg["batch_size"], shuffle=True, generator=generator,
-                                         collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+    loader = sft_loader(examples, cfg["batch_size"], cfg.get("seed", 0), tokenizer.pad_token_id)
     module = SFTModule(model, extra_loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
@@ -267,7 +306,7 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
         accelerator.wait_for_everyone()
         if main:
             _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, out_dir, epoch + 1, global_step,
-                             history, cfg)
+                             history, cfg.get("keep_checkpoints", 0))
             log.info("%s: epoch %d mean loss %.4f", desc, epoch + 1, mean_loss)
         accelerator.wait_for_everyone()
 
@@ -285,12 +324,12 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
             run.log({"epochs": table})
             run.finish()
         log.info("%s: done, model saved to %s", desc, out_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # no end_training(): it destroys the process group the next corpus needs
     return summary
 
 
-def _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, out_dir, epoch, global_step, history, cfg):
+def _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, out_dir, epoch, global_step, history,
+                     keep=0):
     lm = accelerator.unwrap_model(module).lm
 
     def save(path):
@@ -303,23 +342,28 @@ def _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, out_d
                        "num_processes": accelerator.num_processes}, f, indent=2)
 
     path = _save_dir_atomically(out_dir, f"checkpoint-epoch{epoch}", save)
-    for older in _checkpoints(out_dir)[:-1]:  # optimizer state is only needed to resume from the newest
-        stale = os.path.join(out_dir, older, "optimizer.pt")
+    older = _checkpoints(out_dir)[:-1]
+    for name in older:  # optimizer state is only needed to resume from the newest
+        stale = os.path.join(out_dir, name, "optimizer.pt")
         if os.path.exists(stale):
             os.remove(stale)
+    if keep > 0:
+        for name in older[:max(0, len(older) + 1 - keep)]:
+            shutil.rmtree(os.path.join(out_dir, name))
+            log.info("removed %s (keep_checkpoints=%d)", name, keep)
     log.info("checkpoint: %s", path)
 
 
 def load_for_training(base_path, out_dir):
     """Model and tokenizer to train: the newest checkpoint in `out_dir` if any, else `base_path`."""
     resume = last_checkpoint(out_dir)
-    return (*load_model(resume or base_path), resume)
+    return (*load_model(resume or base_path, on_cuda=cuda_available()), resume)
 
 
 def sft_config(C):
     """The train_sft settings from a script's constants."""
     keys = ("lr", "epochs", "batch_size", "grad_accum", "warmup_steps", "warmup_ratio", "grad_clip", "seed",
-            "log_every", "wandb", "wandb_project", "weight_decay")
+            "log_every", "wandb", "wandb_project", "weight_decay", "keep_checkpoints", "dist_timeout")
     return {k: C[k.upper()] for k in keys if k.upper() in C}
 
 
@@ -394,16 +438,16 @@ class HFGenerator:
 
 
 class VLLMGenerator:
-    """Sampling with vLLM (GPU nodes): one engine per process, prompts passed as token ids."""
+    """Sampling with vLLM: one engine per process, prompts passed as token ids."""
 
     name = "vllm"
 
-    def __init__(self, model_path, seed=0, gpu_memory_utilization=0.8, max_model_len=1024):
+    def __init__(self, model_path, seed=0, gpu_memory_utilization=None, max_model_len=1024, dtype="bfloat16"):
         import vllm
 
         self.vllm = vllm
-        self.llm = vllm.LLM(model=model_path, dtype="bfloat16", seed=seed, max_model_len=max_model_len,
-                            gpu_memory_utilization=gpu_memory_utilization)
+        memory = {} if gpu_memory_utilization is None else {"gpu_memory_utilization": gpu_memory_utilization}
+        self.llm = vllm.LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, **memory)
 
     def generate(self, prompts, n=1, temperature=1.0, max_tokens=64, top_p=1.0, top_k=0, desc="generate"):
         params = {"n": n, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p}
@@ -414,12 +458,15 @@ class VLLMGenerator:
         return [[o.text.strip() for o in out.outputs] for out in outputs]
 
 
-def make_generator(model_path, backend="auto", batch_size=32, seed=0, gpu_memory_utilization=0.8):
-    """vLLM when it imports and a GPU is present (or when asked for), else transformers."""
+def make_generator(model_path, backend="auto", batch_size=32, seed=0, gpu_memory_utilization=None):
+    """vLLM when it is installed and a GPU is present (or when asked for), else transformers."""
+    import devices
+
+    gpu = devices.gpu_available()  # without initialising CUDA, which would break vLLM's engine start
     if backend == "auto":
-        backend = "vllm" if cuda_available() and has_package("vllm") else "transformers"
-    if backend == "vllm":
-        gen = VLLMGenerator(model_path, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
+        backend = "vllm" if gpu and has_package("vllm") else "transformers"
+    if backend == "vllm":  # float32 on a CPU build of vLLM: bf16 is emulated on many processors
+        gen = VLLMGenerator(model_path, seed, gpu_memory_utilization, dtype="bfloat16" if gpu else "float32")
     elif backend == "transformers":
         gen = HFGenerator(model_path, batch_size=batch_size, seed=seed)
     else:

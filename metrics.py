@@ -11,7 +11,11 @@ Conventions:
 - BM25 is bm25s's Lucene variant (k1=1.5, b=0.75) with English stopwords and the PyStemmer
   English stemmer (what bm25s recommends); queries go without their instruction by default.
 """
+import functools
+import itertools
 import logging
+import math
+import os
 import time
 from collections.abc import Mapping
 
@@ -24,7 +28,7 @@ from ir_measures import AP, P, R, nDCG
 from matplotlib.figure import Figure
 
 import mair_config
-from file_io import DataError, atomic_open
+from file_io import DataError, atomic_open, read_json, write_json
 
 log = logging.getLogger("metrics")
 
@@ -37,6 +41,7 @@ BM25_K1, BM25_B = 1.5, 0.75   # bm25s defaults (Lucene variant)
 BM25_STOPWORDS = "en"
 BM25_STEMMER = "english"      # PyStemmer algorithm; None: no stemming
 BM25_BATCH_CELLS = 2 ** 25    # queries x documents scored per sparse product (bounds memory)
+BM25_CHUNK_DOCS = 10_000      # documents tokenized together while indexing (bounds memory)
 
 N_EXAMPLES = 5                # unknown-label examples kept in a qrels report
 MISSING = "–"                 # table cell of a missing result
@@ -152,54 +157,145 @@ def read_trec_run(path):
 # ----------------------------------------------------------------------------- BM25 baseline
 
 class BM25Index:
-    """A bm25s index of one corpus, built once; `search` scores texts in sparse batches.
+    """A bm25s-style BM25 index of one corpus; `search` scores texts in sparse batches.
 
-    `docs`: rows {"id", "doc"} or a mapping {doc_id: text}. bm25s builds the term x document
-    weights; retrieval multiplies a batch of query term counts by that matrix (the same scores as
-    bm25s's own per-query loop, several times faster) and keeps the top-k documents with a
-    positive score, ties broken by corpus order.
+    `docs`: rows {"id", "doc"} or a mapping {doc_id: text}, read once as a stream: the texts are
+    tokenized (bm25s's tokenizer) BM25_CHUNK_DOCS at a time into term counts, so the corpus is never
+    all in memory. The term x document weights are bm25s's Lucene-variant scores, computed the way
+    bm25s computes them; retrieval multiplies a batch of query term counts by that matrix and keeps
+    the top-k documents with a positive score, ties broken by corpus order. `save` / `load` keep an
+    index on disk; a loaded index memory-maps its weights, so processes loading it share one copy.
     """
 
     def __init__(self, docs, stemmer=BM25_STEMMER):
         items = docs.items() if isinstance(docs, Mapping) else ((d["id"], d["doc"]) for d in docs)
-        ids, texts = [], []
-        for doc_id, text in items:
-            ids.append(str(doc_id))
-            texts.append(text or "")
-        if not ids:
-            raise ValueError("BM25Index: empty corpus")
-        t0 = time.time()
+        ids = []
+
+        def texts():
+            for doc_id, text in items:
+                ids.append(str(doc_id))
+                yield text or ""
+
+        self._build(texts(), stemmer)
         self.doc_ids = np.array(ids, dtype=object)
-        self.id_set = set(ids)
         if len(self.id_set) < len(ids):
             log.warning("BM25 index: %d duplicate doc ids", len(ids) - len(self.id_set))
+
+    @classmethod
+    def from_texts(cls, texts, doc_ids=None, stemmer=BM25_STEMMER):
+        """An index of streamed `texts`; `doc_ids`: their ids (any sequence; needed by `search`)."""
+        index = cls.__new__(cls)
+        index._build(texts, stemmer)
+        index.doc_ids = doc_ids
+        return index
+
+    def _build(self, texts, stemmer):
+        """The vocabulary {term: row} and the weights (CSR terms x documents) of streamed texts."""
+        t0 = time.time()
+        self.stemmer_name = stemmer
         self.stemmer = Stemmer.Stemmer(stemmer) if stemmer else None
-        self.bm25 = bm25s.BM25(k1=BM25_K1, b=BM25_B)
-        self.bm25.index(self._tokenize(texts, return_ids=True), show_progress=False)
-        s = self.bm25.scores
-        self.weights = sp.csr_matrix((s["data"], s["indices"], s["indptr"]),
-                                     shape=(len(s["indptr"]) - 1, s["num_docs"]))
-        log.info("BM25 index: %d docs, %d terms in %.1f s", len(ids), self.weights.shape[0], time.time() - t0)
+        vocab, chunks = {}, []
+        for chunk in batched(texts, BM25_CHUNK_DOCS):
+            tokenized = self._tokenize(chunk, return_ids=True)
+            for term in sorted(set(tokenized.vocab) - vocab.keys()):  # sorted: term rows do not depend on hashing
+                vocab[term] = len(vocab)
+            local = np.zeros(len(tokenized.vocab), np.int64)
+            for term, i in tokenized.vocab.items():
+                local[i] = vocab[term]
+            length = np.fromiter(map(len, tokenized.ids), np.int64, len(chunk))
+            flat = local[np.fromiter(itertools.chain.from_iterable(tokenized.ids), np.int64, int(length.sum()))]
+            keys, tf = np.unique(np.repeat(np.arange(len(chunk), dtype=np.int64), length) << 32 | flat,
+                                 return_counts=True)  # (document, term) pairs
+            chunks.append(((keys & 0xFFFFFFFF).astype(np.int32), tf.astype(np.float32), length,
+                           np.bincount(keys >> 32, minlength=len(chunk))))
+        if not chunks:
+            raise ValueError("BM25Index: empty corpus")
+        lengths = np.concatenate([c[2] for c in chunks])
+        df = np.zeros(len(vocab), np.int64)
+        for c in chunks:
+            df += np.bincount(c[0], minlength=len(vocab))
+        values, where = np.unique(df, return_inverse=True)
+        idf = np.array([math.log(1 + (len(lengths) - d + 0.5) / (d + 0.5)) for d in values.tolist()],
+                       np.float32)[where]
+        avg_len = lengths.mean()
+        index_type = np.int32 if df.sum() < 2 ** 31 else np.int64
+        indptr = np.concatenate([[0], np.cumsum(df)]).astype(index_type)
+        data, indices = np.empty(indptr[-1], np.float32), np.empty(indptr[-1], index_type)
+        free, first = indptr[:-1].astype(np.int64), 0
+        chunks.reverse()
+        while chunks:  # each chunk's entries go to their term's rows (documents in corpus order), then are freed
+            terms, tf, length, per_doc = chunks.pop()
+            weight = idf[terms] * (tf / (BM25_K1 * ((1 - BM25_B) + BM25_B * np.repeat(length, per_doc) / avg_len) + tf))
+            order = np.argsort(terms, kind="stable")
+            ranked = terms[order]
+            at = free[ranked] + np.arange(len(order)) - np.searchsorted(ranked, ranked)
+            data[at] = weight[order]
+            indices[at] = np.repeat(np.arange(first, first + len(length)), per_doc)[order]
+            free += np.bincount(terms, minlength=len(vocab))
+            first += len(length)
+        self.vocab = vocab
+        self.weights = sp.csr_matrix((data, indices, indptr), shape=(len(vocab), len(lengths)), copy=False)
+        log.info("BM25 index: %d docs, %d terms in %.1f s", len(lengths), len(vocab), time.time() - t0)
 
     def _tokenize(self, texts, return_ids):
         return bm25s.tokenize(list(texts), stopwords=BM25_STOPWORDS, stemmer=self.stemmer,
                               return_ids=return_ids, show_progress=False)
 
     def __len__(self):
-        return len(self.doc_ids)
+        return self.weights.shape[1]
+
+    @functools.cached_property
+    def id_set(self):
+        return set(self.doc_ids)
+
+    @functools.cached_property
+    def bm25(self):
+        """The same index as a bm25s.BM25 object (bm25s's own scoring API on these weights)."""
+        model = bm25s.BM25(k1=BM25_K1, b=BM25_B)
+        model.scores = {"data": self.weights.data, "indices": self.weights.indices, "indptr": self.weights.indptr,
+                        "num_docs": self.weights.shape[1]}
+        model.vocab_dict, model.nonoccurrence_array = self.vocab, None
+        return model
+
+    def save(self, folder):
+        """Write the weights and the vocabulary under `folder` (read back by `load`)."""
+        os.makedirs(folder, exist_ok=True)
+        for name in ("data", "indices", "indptr"):
+            np.save(os.path.join(folder, f"{name}.npy"), getattr(self.weights, name))
+        write_json({"stemmer": self.stemmer_name, "k1": BM25_K1, "b": BM25_B,
+                    "terms": sorted(self.vocab, key=self.vocab.get)}, os.path.join(folder, "vocab.json"), indent=None)
+
+    @classmethod
+    def load(cls, folder, doc_ids):
+        """An index written by `save`, its weights memory-mapped; `doc_ids`: the ids of its documents
+        in corpus order (any sequence of str)."""
+        index = cls.__new__(cls)
+        meta = read_json(os.path.join(folder, "vocab.json"))
+        index.stemmer_name = meta["stemmer"]
+        index.stemmer = Stemmer.Stemmer(meta["stemmer"]) if meta["stemmer"] else None
+        index.vocab = {term: i for i, term in enumerate(meta["terms"])}
+        arrays = tuple(np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
+                       for name in ("data", "indices", "indptr"))
+        index.weights = sp.csr_matrix(arrays, shape=(len(index.vocab), len(doc_ids)), copy=False)
+        index.doc_ids = doc_ids
+        return index
 
     def search(self, texts, k=100):
         """Top-min(k, N) doc ids per text, best first (only documents sharing a term with it)."""
+        ids = self.doc_ids
+        return [[ids[i] for i in top.tolist()] for top in self.search_indices(texts, k)]
+
+    def search_indices(self, texts, k=100):
+        """`search` as corpus positions (int arrays)."""
         if k < 1:
             raise ValueError(f"BM25Index.search: k must be >= 1, got {k}")
         t0, texts = time.time(), list(texts)
-        vocab = self.bm25.vocab_dict
         rows, cols = [], []
         for i, tokens in enumerate(self._tokenize(texts, return_ids=False)):
             for tok in tokens:
-                if tok in vocab:
+                if tok in self.vocab:
                     rows.append(i)
-                    cols.append(vocab[tok])
+                    cols.append(self.vocab[tok])
         n_texts, n_docs = len(texts), len(self)
         counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
                                shape=(n_texts, self.weights.shape[0]))
@@ -209,19 +305,27 @@ class BM25Index:
             scores = (counts[start:start + batch] @ self.weights).tocsr()
             for i in range(scores.shape[0]):
                 lo, hi = scores.indptr[i], scores.indptr[i + 1]
-                out.append(self._top(scores.data[lo:hi], scores.indices[lo:hi], k))
-        log.info("BM25 search: %d texts x %d docs in %.1f s", n_texts, n_docs, time.time() - t0)
+                out.append(_top(scores.data[lo:hi], scores.indices[lo:hi], k))
+        if n_texts > 1:
+            log.info("BM25 search: %d texts x %d docs in %.1f s", n_texts, n_docs, time.time() - t0)
         return out
 
-    def _top(self, values, indices, k):
-        positive = values > 0
-        values, indices = values[positive], indices[positive]
-        if len(values) > k:  # keep every doc tied with the k-th score, then order and cut
-            kth = np.partition(values, len(values) - k)[len(values) - k]
-            keep = values >= kth
-            values, indices = values[keep], indices[keep]
-        order = np.lexsort((indices, -values))[:k]
-        return self.doc_ids[indices[order]].tolist()
+
+def _top(values, indices, k):
+    positive = values > 0
+    values, indices = values[positive], indices[positive]
+    if len(values) > k:  # keep every doc tied with the k-th score, then order and cut
+        kth = np.partition(values, len(values) - k)[len(values) - k]
+        keep = values >= kth
+        values, indices = values[keep], indices[keep]
+    return indices[np.lexsort((indices, -values))[:k]]
+
+
+def batched(items, n):
+    """Lists of `n` consecutive items (the last one shorter)."""
+    items = iter(items)
+    while chunk := list(itertools.islice(items, n)):
+        yield chunk
 
 
 def _index(docs, stemmer):

@@ -4,10 +4,13 @@ Shard mode (one process, usually one GPU):
     python qg_vllm.py -pid 0 -total_num 8 -docs_path dataset/MAIR-Docs/SciFact/docs.jsonl \
         -data_name SciFact -model_name models/Llama-3.2-1B-Instruct-qg -model_sufix QG -num_q 16
     -> dataset/MAIR-Data/QG-16/SciFact/queries-0-8.jsonl
-Launcher mode (`-total_num 0`, the default): for every corpus of TASKS, one shard process per GPU,
-then the merged dataset/MAIR-Data/<MODEL_SUFIX>-<NUM_Q>/<corpus>/queries.jsonl; finished corpora
-are skipped and unfinished shards resume.
+Launcher mode (`-total_num 0`, the default): the shards of every corpus of TASKS run on the
+visible GPUs (CUDA_VISIBLE_DEVICES, else all), one process per GPU at a time, then merge into
+dataset/MAIR-Data/<MODEL_SUFIX>-<NUM_Q>/<corpus>/queries.jsonl; finished corpora and shards are
+skipped and unfinished shards resume. Logs: LOG_DIR/qg_vllm-<corpus>-<pid>-<total_num>.log.
     python qg_vllm.py [--config configs/demo.json] [--NUM_Q=16] ...
+Two nodes sharing the filesystem: `--TOTAL_NUM=16 --PID_END=7` on one, `--TOTAL_NUM=16
+--PID_START=8` on the other, then `--TOTAL_NUM=16 --MERGE_ONLY=True` on either.
 
 Backend: vLLM when it imports and a GPU is present, else batched transformers `generate`, both
 sampling at temperature 1 with at most 64 new tokens.
@@ -26,7 +29,10 @@ C = {
     "MODEL_SUFIX": "QG",                               # output folder MAIR-Data/<MODEL_SUFIX>-<NUM_Q>
     "NUM_Q": 16,                                       # pseudo-queries per document (paper: B = 16)
     "TASKS": mair_config.get_all_tasks(),              # launcher: index the corpora of these tasks
-    "TOTAL_NUM": 0,                                    # launcher: shards per corpus (0 = one per GPU, 1 on CPU)
+    "TOTAL_NUM": 0,                                    # launcher: shards per corpus (0 = one per visible GPU, 1 on CPU)
+    "PID_START": 0,                                    # launcher, several nodes: this node runs shards
+    "PID_END": None,                                   #   PID_START..PID_END (inclusive; None = the last)
+    "MERGE_ONLY": False,                               # launcher: only merge the shards (all nodes done)
     "TEMPERATURE": 1.0,
     "TOP_P": 1.0,
     "MAX_TOKENS": 64,
@@ -35,7 +41,8 @@ C = {
     "BACKEND": "auto",                                 # auto | vllm | transformers
     "BATCH_SIZE": 64,                                  # prompts per transformers generate call
     "CHUNK_DOCS": 512,                                 # documents per resumable chunk
-    "GPU_MEMORY_UTILIZATION": 0.8,
+    "GPU_MEMORY_UTILIZATION": None,                    # GPU memory share per vLLM engine; None = vLLM's
+                                                       #   default, one engine per GPU; 0.3 = 3 per GPU
     "SEED": 0,
     "DATA_ROOT": mair_config.DATA_ROOT,
     "LOG_DIR": "log",

@@ -37,6 +37,8 @@ C = {
     "MAX_LEN": 512,
     "MAX_INSTRUCTION_TOKENS": 200,
     "MAX_DOC_TOKENS": 256,
+    "KEEP_CHECKPOINTS": 0,         # newest epoch checkpoints kept (0 = all, as released)
+    "DIST_TIMEOUT": 1800,          # seconds a rank waits for the others before the launch stops
     "SEED": 0,
     "LOG_EVERY": 10,
     "WANDB": "disabled",

@@ -38,6 +38,8 @@ C = {
     "MAX_INSTRUCTION_TOKENS": 128,
     "MAX_DOC_TOKENS": 128,
     "MAX_QUERY_TOKENS": 128,
+    "KEEP_CHECKPOINTS": 0,         # newest epoch checkpoints kept (0 = all, as released)
+    "DIST_TIMEOUT": 1800,          # seconds a rank waits for the others before the launch stops
     "SEED": 0,
     "LOG_EVERY": 10,
     "WANDB": "disabled",           # disabled | offline | online

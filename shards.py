@@ -3,8 +3,11 @@
 A shard is the documents `docs[pid::total_num]`. Its rows are appended, a chunk at a time, to
 `<shard>.partial` and renamed to the shard file only when every document is done, so a killed
 run resumes where it stopped and a shard file on disk is always complete. The launcher
-(`-total_num 0`) starts one process per GPU for each corpus, waits, and merges the shards into
-the final file only when all of them are present and cover exactly their documents.
+(`-total_num 0`) runs the shards of every corpus on the visible GPUs (devices.py: one process per
+GPU at a time, in waves when there are more shards), skips shard files already on disk, and merges
+a corpus's shards into its final file only when all of them are present and cover exactly their
+documents. Several nodes on a shared filesystem each run a range of the shards (PID_START..PID_END)
+and one merges afterwards (MERGE_ONLY).
 """
 import glob
 import json
@@ -17,6 +20,7 @@ import time
 
 from tqdm.auto import tqdm
 
+import devices
 import mair_config
 from file_io import DataError, add_jsonl, iter_jsonl, read_jsonl, require_fields, write_jsonl
 from prompts import GENERIC_INSTRUCTION
@@ -37,6 +41,8 @@ def load_generator(model_name, C, pid=0):
     """(generator backend, tokenizer) for a shard process."""
     import lm
 
+    # vLLM must spawn its engine workers: a forked one cannot use CUDA once this process touched it.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     tokenizer = lm.load_tokenizer(model_name)
     generator = lm.make_generator(model_name, backend=C["BACKEND"], batch_size=C["BATCH_SIZE"], seed=C["SEED"] + pid,
                                   gpu_memory_utilization=C["GPU_MEMORY_UTILIZATION"])
@@ -156,10 +162,10 @@ def merge_shards(final_path, total_num, docs, per_doc, doc_key):
     if others:
         log.warning("ignoring %d shard file(s) from another -total_num: %s", len(others), ", ".join(sorted(others)[:3]))
     paths = [mair_config.shard_path(final_path, pid, total_num) for pid in range(total_num)]
-    missing = [p for p in paths if not os.path.exists(p)]
+    missing = [pid for pid, p in enumerate(paths) if not os.path.exists(p)]
     if missing:
-        raise IncompleteShards(f"{final_path}: {len(missing)} of {total_num} shards missing, e.g. {missing[0]}; "
-                               "not merged")
+        raise IncompleteShards(f"{final_path}: {len(missing)} of {total_num} shards missing (pid "
+                               f"{pid_ranges(missing)}, e.g. {paths[missing[0]]}); not merged")
     rows = []
     for pid, path in enumerate(paths):
         shard = read_jsonl(path)
@@ -174,59 +180,126 @@ def merge_shards(final_path, total_num, docs, per_doc, doc_key):
     return final_path
 
 
-def default_total_num():
-    import torch
-    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+def pid_ranges(pids):
+    """`[0, 1, 2, 5]` -> "0-2, 5"."""
+    runs = []
+    for pid in sorted(pids):
+        if runs and pid == runs[-1][1] + 1:
+            runs[-1][1] = pid
+        else:
+            runs.append([pid, pid])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def launch(script, corpora, total_num, child_args, final_path, docs_path, per_doc, doc_key, log_dir="log"):
-    """For each corpus: skip if merged, else run `total_num` shard processes (one GPU each), wait, merge.
+def node_pids(total_num, pid_start=0, pid_end=None):
+    """The shards one node runs: PID_START..PID_END of TOTAL_NUM, inclusive (PID_END None = the last)."""
+    end = total_num - 1 if pid_end is None else pid_end
+    if not 0 <= pid_start <= end < total_num:
+        raise ValueError(f"PID_START={pid_start}, PID_END={pid_end}: the range must lie within 0..{total_num - 1} "
+                         f"(TOTAL_NUM={total_num}) with PID_START <= PID_END")
+    return list(range(pid_start, end + 1))
 
-    `child_args(corpus)` gives the shard command's flags besides -pid / -total_num. A failing corpus
-    is reported and the next one still runs; returns the list of corpora that did not finish.
+
+def launch(script, corpora, total_num, pids, slots, child_args, final_path, docs_path, per_doc, doc_key,
+           log_dir="log", merge=True):
+    """Run shards `pids` of every corpus, one process per slot at a time in a single queue over all
+    corpora (slot = a device for CUDA_VISIBLE_DEVICES, or None on CPU); with `merge`, merge a
+    corpus as soon as its shards are done.
+
+    Merged corpora and shard files already on disk are skipped, so a rerun resumes and never
+    redoes a finished shard. `child_args(corpus)` gives the shard command's flags besides -pid /
+    -total_num. Returns the corpora that did not finish.
     """
-    import torch
-
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    failed = []
-    for corpus in tqdm(corpora, desc=os.path.basename(script), dynamic_ncols=True):
+    name = os.path.basename(script)[:-3]
+    todo, failed = {}, set()
+    for corpus in corpora:
         final = final_path(corpus)
         if os.path.exists(final):
             log.info("%s: %s exists, skipped", corpus, final)
             continue
-        os.makedirs(log_dir, exist_ok=True)
-        procs, started = [], time.time()
-        for pid in range(total_num):
-            env = dict(os.environ)
-            if n_gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(pid % n_gpus)
-            else:
-                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // total_num)))
-            cmd = [sys.executable, script, "-pid", str(pid), "-total_num", str(total_num), *child_args(corpus)]
-            log_path = os.path.join(log_dir, f"{os.path.basename(script)[:-3]}-{corpus}-{pid}.log")
-            log.info("%s shard %d/%d -> log %s", corpus, pid, total_num, log_path)
-            with open(log_path, "w") as log_file:
-                procs.append((subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_path))
-        codes = [(p.wait(), path) for p, path in procs]
-        bad = [path for code, path in codes if code != 0]
-        if bad:
-            log.error("%s: %d shard process(es) failed, see %s", corpus, len(bad), ", ".join(bad))
-            failed.append(corpus)
-            continue
+        on_disk = [pid for pid in pids if os.path.exists(mair_config.shard_path(final, pid, total_num))]
+        if on_disk:
+            log.info("%s: shard(s) %s already done, kept", corpus, pid_ranges(on_disk))
+        todo[corpus] = [pid for pid in pids if pid not in on_disk]
+
+    def finish(corpus):
+        if not merge:
+            others = sorted(set(range(total_num)) - set(pids))
+            log.info("%s: shard(s) %s done here; shard(s) %s belong to other nodes: merge once all are done with "
+                     "`%s.py --TOTAL_NUM=%d --MERGE_ONLY=True`", corpus, pid_ranges(pids), pid_ranges(others),
+                     name, total_num)
+            return
         try:
-            merge_shards(final, total_num, read_docs(docs_path(corpus)), per_doc, doc_key)
+            merge_shards(final_path(corpus), total_num, read_docs(docs_path(corpus)), per_doc, doc_key)
         except (IncompleteShards, DataError) as e:
             log.error("%s: %s", corpus, e)
-            failed.append(corpus)
-            continue
-        log.info("%s: done in %.0f s", corpus, time.time() - started)
-    return failed
+            failed.add(corpus)
+
+    jobs = [(corpus, pid) for corpus, corpus_pids in todo.items() for pid in corpus_pids]
+    left = {corpus: len(corpus_pids) for corpus, corpus_pids in todo.items()}
+    for corpus in [c for c, n in left.items() if n == 0]:
+        finish(corpus)
+    if not jobs:
+        return sorted(failed)
+    os.makedirs(log_dir, exist_ok=True)
+    gpus = sorted({s for s in slots if s is not None})
+    threads = str(max(1, (os.cpu_count() or 1) // min(len(slots), len(jobs))))
+    log.info("%d shard process(es), %d at a time on %s; logs: %s/%s-<corpus>-<pid>-%d.log", len(jobs), len(slots),
+             f"GPU(s) {', '.join(gpus)}" if gpus else f"CPU ({threads} thread(s) each)", log_dir, name, total_num)
+    if len(jobs) > len(slots):
+        log.info("%d shards for %d slot(s): about %d waves, each shard starting as a slot frees up", len(jobs),
+                 len(slots), -(-len(jobs) // len(slots)))
+
+    def start(job, device):
+        corpus, pid = job
+        # vLLM's workers must be spawned: a forked worker cannot use CUDA.
+        env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+        if device is None:
+            env.setdefault("OMP_NUM_THREADS", threads)
+        else:
+            env[devices.ENV] = device
+        cmd = [sys.executable, script, "-pid", str(pid), "-total_num", str(total_num), *child_args(corpus)]
+        log_path = os.path.join(log_dir, f"{name}-{corpus}-{pid}-{total_num}.log")
+        log.info("%s shard %d/%d%s -> %s", corpus, pid, total_num, "" if device is None else f" on GPU {device}",
+                 log_path)
+        with open(log_path, "w") as log_file:
+            return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+    started = time.time()
+    bar = tqdm(total=len(jobs), desc=name, unit="shard", dynamic_ncols=True)
+
+    def done(job, code):
+        corpus, pid = job
+        bar.update()
+        left[corpus] -= 1
+        if code != 0:
+            log.error("%s shard %d failed (exit %d), see %s", corpus, pid, code,
+                      os.path.join(log_dir, f"{name}-{corpus}-{pid}-{total_num}.log"))
+            failed.add(corpus)
+        elif left[corpus] == 0 and corpus not in failed:
+            log.info("%s: shards done after %.0f s", corpus, time.time() - started)
+            finish(corpus)
+
+    devices.run_in_slots(jobs, slots, start, done)
+    bar.close()
+    return sorted(failed)
 
 
 def launch_all(script, C, args, final_path, per_doc, doc_key):
-    """Launcher mode of a generation script: every corpus of C["TASKS"], C["TOTAL_NUM"] shards each."""
+    """Launcher mode of a generation script: shards PID_START..PID_END of TOTAL_NUM for every corpus
+    of TASKS on the visible GPUs, merged here when this node runs them all (or MERGE_ONLY)."""
     corpora = mair_config.corpora_of(C["TASKS"])
-    total = C["TOTAL_NUM"] or default_total_num()
+    multi_node = C["PID_START"] != 0 or C["PID_END"] is not None
+    if (multi_node or C["MERGE_ONLY"]) and not C["TOTAL_NUM"]:
+        raise SystemExit("PID_START / PID_END / MERGE_ONLY need an explicit TOTAL_NUM, the same on every node")
+    try:
+        gpus = [] if C["MERGE_ONLY"] else devices.visible_devices()
+        per_gpu = devices.slots_per_device(C["GPU_MEMORY_UTILIZATION"])
+        total = C["TOTAL_NUM"] or len(gpus) or 1
+        pids = [] if C["MERGE_ONLY"] else node_pids(total, C["PID_START"], C["PID_END"])
+    except ValueError as e:
+        raise SystemExit(f"{os.path.basename(script)}: {e}") from None
+    slots = devices.device_slots(gpus, per_gpu, len(pids))
     docs_path = lambda corpus: mair_config.corpus_docs_path(corpus, C["DATA_ROOT"])  # noqa: E731
     missing = [c for c in corpora if not os.path.exists(docs_path(c))]
     for corpus in missing:
@@ -237,9 +310,10 @@ def launch_all(script, C, args, final_path, per_doc, doc_key):
         return ["-docs_path", docs_path(corpus), "-data_name", corpus, "-model_sufix", C["MODEL_SUFIX"],
                 "-model_name", C["MODEL_NAME"], "-num_q", str(C["NUM_Q"]), *args.passthrough]
 
-    log.info("%s: %d corpora x %d shards", os.path.basename(script), len(ready), total)
-    failed = missing + launch(script, ready, total, child_args, final_path, docs_path, per_doc, doc_key,
-                              C["LOG_DIR"])
+    what = "merging only" if C["MERGE_ONLY"] else f"shard(s) {pid_ranges(pids)} of {total}"
+    log.info("%s: %d corpora, %s", os.path.basename(script), len(ready), what)
+    failed = missing + launch(script, ready, total, pids, slots, child_args, final_path, docs_path, per_doc, doc_key,
+                              C["LOG_DIR"], merge=C["MERGE_ONLY"] or len(pids) == total)
     if failed:
         log.error("not finished: %s (rerun to resume)", ", ".join(failed))
     return failed

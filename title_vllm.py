@@ -4,8 +4,9 @@ Shard mode:
     python title_vllm.py -pid 0 -total_num 8 -docs_path dataset/MAIR-Docs/SciFact/docs.jsonl \
         -data_name SciFact -model_name models/Llama-3.2-1B-Instruct-ID
     -> dataset/MAIR-Data/gist_ids/SciFact/title-0-8.jsonl
-Launcher mode (`-total_num 0`, the default): every corpus of TASKS, one shard process per GPU,
-merged into dataset/MAIR-Data/gist_ids/<corpus>/title.jsonl (`{"id", "gist"}` per document).
+Launcher mode (`-total_num 0`, the default): the shards of every corpus of TASKS on the visible
+GPUs, one process per GPU at a time, merged into dataset/MAIR-Data/gist_ids/<corpus>/title.jsonl
+(`{"id", "gist"}` per document); several nodes as in qg_vllm.py (PID_START, PID_END, MERGE_ONLY).
 
 Each generated DocID goes through the format normaliser (docids.py), which also drops words that
 do not come from the document and fills a DocID shorter than 6 words with the document's most
@@ -27,7 +28,10 @@ C = {
     "MODEL_SUFIX": "title",                            # DocID type: gist_ids/<corpus>/<MODEL_SUFIX>.jsonl
     "NUM_Q": 1,                                        # one DocID per document
     "TASKS": mair_config.get_all_tasks(),
-    "TOTAL_NUM": 0,
+    "TOTAL_NUM": 0,                                    # launcher: shards per corpus (0 = one per visible GPU, 1 on CPU)
+    "PID_START": 0,                                    # launcher, several nodes: this node runs shards
+    "PID_END": None,                                   #   PID_START..PID_END (inclusive; None = the last)
+    "MERGE_ONLY": False,                               # launcher: only merge the shards (all nodes done)
     "TEMPERATURE": 1.0,                                # the code samples at T=1 (the paper writes argmax)
     "TOP_P": 1.0,
     "MAX_TOKENS": 64,
@@ -36,7 +40,8 @@ C = {
     "BACKEND": "auto",
     "BATCH_SIZE": 64,
     "CHUNK_DOCS": 512,
-    "GPU_MEMORY_UTILIZATION": 0.8,
+    "GPU_MEMORY_UTILIZATION": None,                    # GPU memory share per vLLM engine; None = vLLM's
+                                                       #   default, one engine per GPU; 0.3 = 3 per GPU
     "SEED": 0,
     "DATA_ROOT": mair_config.DATA_ROOT,
     "LOG_DIR": "log",

@@ -7,11 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
 import decoding
-from decoding import _live_candidates, _RootCandidates
 import file_io
 import mair_config
 from decoding import TrieLogitsProcessor, decode, reverse_annealed_temperatures
-from prefix_tree import DeviceTrie, PrefixTree, Removals
+from device_trie import DeviceTrie, Removals, _live_candidates, _RootCandidates
+from prefix_tree import PrefixTree
 from reference_trie import DictTrie, reference_decode, shortest_unique_paths
 
 TASK = "PyDoc-Net"
@@ -173,6 +173,28 @@ def test_beam_search_finds_the_best_docids(setup):
         assert result.leaves == sorted(range(tree.n_leaves), key=lambda i: -scores[i])[:8]
     narrow = decode(setup.model, tree, setup.prompts[:2], mode="beam", K=8, num_beams=4, progress=False)
     assert all(0 < len(r.leaves) <= 8 and len(set(r.leaves)) == len(r.leaves) for r in narrow)  # up to K
+
+
+def test_beam_search_in_chunks_within_the_token_budget(setup, monkeypatch):
+    """Beam search splits a batch so that rows x longest prompt stay within beam_token_budget (a
+    query alone over it runs alone); the results equal one unlimited batch."""
+    tree, beams = setup.small_tree(40), 6
+    chunks, search = [], decoding._beam_search
+    monkeypatch.setattr(decoding, "_beam_search", lambda model, trie, prompts, *args:
+                        chunks.append((len(prompts), max(map(len, prompts)))) or search(model, trie, prompts, *args))
+
+    def run(budget):
+        chunks.clear()
+        return [r.leaves for r in decode(setup.model, tree, setup.prompts, mode="beam", K=8, num_beams=beams,
+                                         beam_token_budget=budget, progress=False)]
+
+    whole = run(None)
+    assert [n for n, _ in chunks] == [len(setup.prompts)]
+    assert run(1) == whole and [n for n, _ in chunks] == [1] * len(setup.prompts)
+    budget = 2 * beams * max(map(len, setup.prompts))
+    assert run(budget) == whole and 1 < len(chunks) < len(setup.prompts)
+    assert sum(n for n, _ in chunks) == len(setup.prompts)
+    assert all(n * beams * longest <= budget for n, longest in chunks)
 
 
 def left_pad(prompts, pad_id):

@@ -1,4 +1,5 @@
-"""Query and DocID generators: shared LM plumbing, SFT, sharded generation, the vLLM seam."""
+"""Query and DocID generators: shared LM plumbing, SFT, sharded generation, the vLLM seam.
+The launcher's device handling is in test_launcher.py."""
 import json
 import logging
 import os
@@ -8,6 +9,7 @@ import types
 
 import pytest
 
+import devices
 import lm
 import mair_config as mc
 import qg_vllm
@@ -216,12 +218,16 @@ def test_vllm_backend_is_chosen_on_gpu_and_gets_the_sampling_settings(small_corp
     root, docs = small_corpus
     fake = _FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setattr(lm, "cuda_available", lambda: True)
+    monkeypatch.setattr(devices, "gpu_available", lambda: True)
+    monkeypatch.setattr(lm, "cuda_available", lambda: pytest.fail("CUDA initialised before vLLM"))
     monkeypatch.setattr(lm, "has_package", lambda name: name == "vllm")
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
     monkeypatch.setitem(qg_vllm.C, "DATA_ROOT", root)
     out = qg_vllm.gen(mc.docs_path("PyDoc-Net", root), "PyDoc-Net", 1, 2, "QG", tiny_model_path, 3)
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
     assert fake.calls["sampling"] == {"n": 3, "temperature": 1.0, "max_tokens": 64, "top_p": 1.0}
     assert fake.calls["llm"]["model"] == tiny_model_path and fake.calls["llm"]["dtype"] == "bfloat16"
+    assert "gpu_memory_utilization" not in fake.calls["llm"]  # unset: vLLM's own default, one engine per GPU
     tok = lm.load_tokenizer(tiny_model_path)
     assert fake.calls["prompts"][0]["prompt_token_ids"][0] == tok.bos_token_id
     assert tok.decode(fake.calls["prompts"][0]["prompt_token_ids"]).count(tok.bos_token) == 1
@@ -229,6 +235,18 @@ def test_vllm_backend_is_chosen_on_gpu_and_gets_the_sampling_settings(small_corp
     assert out.endswith("MAIR-Data/QG-3/PyDoc-Net/queries-1-2.jsonl")
     assert [r["labels"][0]["id"] for r in rows] == [d["id"] for d in docs[1::2] for _ in range(3)]
     assert rows[0]["query"] == "q0-0" and rows[0]["instruction"].startswith("A user describes")
+
+
+def test_backend_choice_without_a_gpu(tiny_model_path, monkeypatch):
+    fake = _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(lm, "has_package", lambda name: name == "vllm")
+    monkeypatch.setattr(devices, "gpu_available", lambda: False)
+    assert lm.make_generator(tiny_model_path, batch_size=2).name == "transformers"  # vLLM installed, no GPU
+    assert "llm" not in fake.calls
+    assert lm.make_generator(tiny_model_path, backend="vllm", seed=5, gpu_memory_utilization=0.3).name == "vllm"
+    assert fake.calls["llm"] == {"model": tiny_model_path, "dtype": "float32", "seed": 5, "max_model_len": 1024,
+                                 "gpu_memory_utilization": 0.3}  # a CPU build of vLLM
 
 
 def test_launcher_runs_shards_merges_and_skips_finished(small_corpus, tiny_model_path, tmp_path):

@@ -231,3 +231,31 @@ def test_fast_rerank_equals_scoring_whole_sequences(trained, settings):
         batch = lm.collate([lm.encode_example(tok, prompt, gists[d], 1000) for d in cands], tok.pad_token_id)
         scores = genir.rank_scores(model, batch["input_ids"], batch["attention_mask"], token).tolist()
         assert fast[str(q["qid"])] == [cands[j] for j in sorted(range(len(cands)), key=lambda j: -scores[j])]
+
+
+def test_one_two_process_launch_trains_and_evaluates_every_corpus(trained, tmp_path):
+    """`accelerate launch` with two CPU processes over both demo corpora, STAGE=all: each corpus is
+    trained by both processes, each task evaluated, and the gathered runs hold every query once."""
+    settings = dict(trained["settings"], MODEL_DIR=str(tmp_path / "models"), OUT_DIR=str(tmp_path / "out"),
+                    STAGE="all", EPOCHS=2, KEEP_CHECKPOINTS=1, K=8)
+    config = str(tmp_path / "cfg.json")
+    write_json({"genir": settings}, config)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "genir.py", "--config", config]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = os.path.join(settings["OUT_DIR"], "t")
+    assert not os.path.exists(os.path.join(out, "failures.json"))
+    for task in TASKS:
+        folder = os.path.join(settings["MODEL_DIR"], "t", task)
+        assert read_json(os.path.join(folder, "training_complete.json"))["num_processes"] == 2
+        assert sorted(d for d in os.listdir(folder) if d.startswith("checkpoint-")) == ["checkpoint-epoch2"]
+        result = read_json(os.path.join(out, task, "metrics.json"))
+        qids = {str(q["qid"]) for q in read_jsonl(mc.queries_path(task, trained["root"])) if q["query"].strip()}
+        assert result["decoded_queries"] == len(qids)
+        for name in genir.METHODS:
+            with open(os.path.join(out, task, f"{name}.run"), encoding="utf-8") as f:
+                lines = [line.split() for line in f]
+            assert {line[0] for line in lines} == qids
+            assert len({(line[0], line[2]) for line in lines}) == len(lines)

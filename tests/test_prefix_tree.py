@@ -1,5 +1,6 @@
 """Prefix tree: shortest-unique-prefix semantics against a brute-force reference, order
 independence, per-query removal without copies, save/load, bad input."""
+import json
 import logging
 import re
 
@@ -9,7 +10,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from decoding import TrieLogitsProcessor
-from prefix_tree import ARRAYS, DeviceTrie, PrefixTree, Removals
+import prefix_tree
+from device_trie import DeviceTrie, Removals
+from prefix_tree import ARRAYS, PrefixTree
 from reference_trie import DictTrie, shortest_unique_paths
 
 END = 7          # end token of the synthetic trees (tokens are 0..4)
@@ -75,6 +78,18 @@ def test_insertion_order_does_not_matter(seqs, rnd):
     second = PrefixTree.from_token_ids(items, END)
     for name, array in arrays_of(first).items():
         assert np.array_equal(array, getattr(second, name)), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(doc_seqs)
+def test_building_in_small_chunks_gives_the_same_tree(seqs):
+    """The build splits its level passes and id packing into CHUNK rows: where the cuts fall changes nothing."""
+    whole = PrefixTree.from_token_ids(seqs.items(), END)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prefix_tree, "CHUNK", 2)
+        split = PrefixTree.from_token_ids(seqs.items(), END)
+    for name, array in arrays_of(whole).items():
+        assert np.array_equal(array, getattr(split, name)), name
 
 
 @settings(max_examples=40, deadline=None)
@@ -163,6 +178,27 @@ def test_save_and_mmap_load_round_trip(tmp_path):
     nodes = torch.arange(-1, tree.n_nodes)
     assert torch.equal(DeviceTrie(loaded, 400).allowed_mask(nodes), DeviceTrie(tree, 400).allowed_mask(nodes))
     assert ["doc-3", "doc-dup"] in leaf_paths(loaded).values()
+
+
+def test_loads_format_1(tmp_path):
+    """A tree saved in format 1 (every index array int64) still loads and answers the same lookups."""
+    seqs = {"a": (1, 2), "b": (1, 3), "c": (4,), "d": (4,)}
+    tree = PrefixTree.from_token_ids(seqs.items(), END)
+    path = tmp_path / "trie"
+    tree.save(path)
+    for name in ARRAYS[:-1]:
+        np.save(path / f"{name}.npy", np.load(path / f"{name}.npy").astype(np.int64))
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    loaded = PrefixTree.load(path)
+    assert loaded.leaf_node.dtype == np.int64 and leaf_paths(loaded) == leaf_paths(tree)
+    trie = DeviceTrie(loaded, VOCAB)
+    removals = Removals(trie, 1)
+    removals.add(torch.tensor([0]), torch.as_tensor(loaded.leaf_node[:1]))  # leaf 0: (4, END)
+    nodes = torch.arange(-1, tree.n_nodes)
+    assert trie.leaf_index(torch.as_tensor(loaded.leaf_node)).tolist() == list(range(tree.n_leaves))
+    assert torch.equal(trie.allowed_mask(nodes), DeviceTrie(tree, VOCAB).allowed_mask(nodes))
+    assert torch.nonzero(trie.allowed_mask(torch.tensor([0]), torch.tensor([0]), removals)[0]).flatten().tolist() == [1]
 
 
 def test_hot_nodes_use_dense_rows():
