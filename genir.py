@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import bm25
 import decoding
 import lm
 import mair_config
@@ -351,8 +352,8 @@ def evaluate_task(task, bm25_cache):
         warnings.append(f"{task}: {report['unknown_labels']} labels point to documents missing from the corpus "
                         f"(e.g. {', '.join(report.get('unknown_examples', [])[:3])})")
     if corpus not in bm25_cache:
-        bm25_cache[corpus] = metrics.BM25Index(docs)
-    runs = {"bm25": metrics.bm25_search(bm25_cache[corpus], queries, k=C["MAX_RESULTS"],
+        bm25_cache[corpus] = bm25.BM25Index(docs)
+    runs = {"bm25": bm25.bm25_search(bm25_cache[corpus], queries, k=C["MAX_RESULTS"],
                                         with_instruction=C["BM25_WITH_INSTRUCTION"])}
     token_id = rank_token_id(tokenizer)
     runs["zerogr"] = decode_queries(model, tokenizer, tree, queries, C["DECODE_MODE"])

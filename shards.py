@@ -39,13 +39,14 @@ class IncompleteShards(RuntimeError):
 
 def load_generator(model_name, C, pid=0):
     """(generator backend, tokenizer) for a shard process."""
+    import generation
     import lm
 
     # vLLM must spawn its engine workers: a forked one cannot use CUDA once this process touched it.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     tokenizer = lm.load_tokenizer(model_name)
-    generator = lm.make_generator(model_name, backend=C["BACKEND"], batch_size=C["BATCH_SIZE"], seed=C["SEED"] + pid,
-                                  gpu_memory_utilization=C["GPU_MEMORY_UTILIZATION"])
+    generator = generation.make_generator(model_name, backend=C["BACKEND"], batch_size=C["BATCH_SIZE"],
+                                          seed=C["SEED"] + pid, gpu_memory_utilization=C["GPU_MEMORY_UTILIZATION"])
     return generator, tokenizer
 
 

@@ -8,7 +8,7 @@ The main process builds a corpus's folder (again when a source file changes) whi
     doc_keys.npy, doc_rows.npy   64-bit hashes of the document ids, sorted, and their documents
     ex_offsets.bin, ex_docs.bin  per example: byte offset of its line (int64), its document (int32)
     groups.npy                   per ranking group: its example (each document's first)
-    bm25/, bm25_top.npy          the BM25 index (metrics.BM25Index.save); int32 [groups, NEGATIVE_DEPTH]:
+    bm25/, bm25_top.npy          the BM25 index (bm25.BM25Index.save); int32 [groups, NEGATIVE_DEPTH]:
                                  each group's BM25 top documents, filled when first drawn (-1 pads)
 """
 import contextlib
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import bm25
 import lm
 import mair_config
-import metrics
 from file_io import DataError, iter_jsonl, read_json, require_fields, write_json, write_jsonl
 from prompts import retrieval_prompt
 from shards import task_instruction
@@ -250,7 +250,7 @@ def build(corpus, docs, folder, sources, settings):
              folder, time.time() - started)
 
 
-def _write_docs(docs, folder, corpus, bm25):
+def _write_docs(docs, folder, corpus, with_bm25):
     """Document ids (and the BM25 index with the ranking loss) of the streamed corpus; returns its size."""
     keys, bounds = array("Q"), array("q")
 
@@ -261,8 +261,8 @@ def _write_docs(docs, folder, corpus, bm25):
             yield row["doc"]
 
     with open(os.path.join(folder, "doc_ids.bin"), "wb") as ids:
-        if bm25:
-            metrics.BM25Index.from_texts(texts(ids)).save(os.path.join(folder, "bm25"))
+        if with_bm25:
+            bm25.BM25Index.from_texts(texts(ids)).save(os.path.join(folder, "bm25"))
         else:
             deque(texts(ids), maxlen=0)
     np.save(os.path.join(folder, "doc_ids.npy"), np.frombuffer(bounds, np.int64).reshape(-1, 2))
@@ -355,8 +355,8 @@ class TrainingSet:
         self.offsets = np.memmap(os.path.join(folder, "ex_offsets.bin"), np.int64, "r").view(np.ndarray)
         self.doc = np.memmap(os.path.join(folder, "ex_docs.bin"), np.int32, "r").view(np.ndarray)
         self.groups = mapped(os.path.join(folder, "groups.npy"))
-        bm25 = os.path.join(folder, "bm25")
-        self.bm25 = metrics.BM25Index.load(bm25, self.docs.ids) if os.path.isdir(bm25) else None
+        index = os.path.join(folder, "bm25")
+        self.bm25 = bm25.BM25Index.load(index, self.docs.ids) if os.path.isdir(index) else None
         self.ends = np.cumsum(self.meta["counts"])
         self.maps = {}
         log.info("training set: %d examples (%s), %d of %d documents with a DocID", len(self),
@@ -399,7 +399,7 @@ class RankGroups:
     documents with a DocID top up a short list."""
 
     def __init__(self, tokenizer, index, docids, data, token_id, settings):
-        self.index = index if isinstance(index, metrics.BM25Index) else metrics.BM25Index(index)
+        self.index = index if isinstance(index, bm25.BM25Index) else bm25.BM25Index(index)
         self.tokenizer, self.docids, self.data = tokenizer, docids, data
         self.token_id, self.settings = token_id, settings
         self.top = np.load(os.path.join(data.folder, "bm25_top.npy"), mmap_mode="r+")

@@ -26,6 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import devices
+import generation
 import genir
 import lm
 import mair_config
@@ -157,7 +158,7 @@ def check_throughput(device, smoke):
 
 def check_generation(device, smoke):
     """The transformers generation backend samples n completions per prompt on the device."""
-    generator = lm.HFGenerator(build_tiny.OUT_DIR, batch_size=8, seed=SEED)
+    generator = generation.HFGenerator(build_tiny.OUT_DIR, batch_size=8, seed=SEED)
     tokenizer = generator.tokenizer
     docs = read_jsonl(mair_config.docs_path("PyDoc-Net"))[:8]
     prompts = [lm.chat_prompt_ids(tokenizer, lm.truncate_words(d["doc"], 40)) for d in docs]

@@ -10,6 +10,7 @@ import types
 import pytest
 
 import devices
+import generation
 import lm
 import mair_config as mc
 import qg_vllm
@@ -63,7 +64,7 @@ def test_sft_lowers_the_loss_and_the_checkpoint_reloads_and_generates(tmp_path, 
     assert losses[-1] < 0.8 * losses[0]
     assert lm.training_done(out) and lm.last_checkpoint(out).endswith("checkpoint-epoch4")
     assert not os.path.exists(os.path.join(out, "checkpoint-epoch3", "optimizer.pt"))
-    gen = lm.HFGenerator(out, batch_size=4)
+    gen = generation.HFGenerator(out, batch_size=4)
     prompts = [lm.chat_prompt_ids(gen.tokenizer, f"prompt {i}") for i in range(3)]
     texts = gen.generate(prompts, n=2, max_tokens=8)
     assert len(texts) == 3 and all(len(t) == 2 and all(isinstance(s, str) for s in t) for t in texts)
@@ -242,9 +243,9 @@ def test_backend_choice_without_a_gpu(tiny_model_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setattr(lm, "has_package", lambda name: name == "vllm")
     monkeypatch.setattr(devices, "gpu_available", lambda: False)
-    assert lm.make_generator(tiny_model_path, batch_size=2).name == "transformers"  # vLLM installed, no GPU
+    assert generation.make_generator(tiny_model_path, batch_size=2).name == "transformers"  # vLLM installed, no GPU
     assert "llm" not in fake.calls
-    assert lm.make_generator(tiny_model_path, backend="vllm", seed=5, gpu_memory_utilization=0.3).name == "vllm"
+    assert generation.make_generator(tiny_model_path, backend="vllm", seed=5, gpu_memory_utilization=0.3).name == "vllm"
     assert fake.calls["llm"] == {"model": tiny_model_path, "dtype": "float32", "seed": 5, "max_model_len": 1024,
                                  "gpu_memory_utilization": 0.3}  # a CPU build of vLLM
 

@@ -6,6 +6,7 @@ import ir_measures
 import numpy as np
 import pytest
 
+import bm25
 import mair_config
 import metrics
 from file_io import DataError, read_jsonl
@@ -135,20 +136,20 @@ TOY_DOCS = [
 
 
 def test_bm25_toy_ranking_stopwords_stemming_and_instruction():
-    index = metrics.BM25Index(TOY_DOCS)
+    index = bm25.BM25Index(TOY_DOCS)
     queries = [{"qid": "a", "instruction": "about cherry", "query": "the apple"},
                {"qid": "b", "instruction": "", "query": "running"}]
     # "the" is a stopword: the stopword-only document shares no term and is not retrieved.
-    assert metrics.bm25_search(index, queries) == {"a": ["fruit"], "b": ["run"]}
-    with_inst = metrics.bm25_search(index, queries, with_instruction=True)
+    assert bm25.bm25_search(index, queries) == {"a": ["fruit"], "b": ["run"]}
+    with_inst = bm25.bm25_search(index, queries, with_instruction=True)
     assert set(with_inst["a"]) == {"fruit", "stone"}
-    assert metrics.bm25_search(TOY_DOCS, queries, stemmer=None)["b"] == []  # "running" != "runs"
-    assert metrics.bm25_search(index, queries, k=1) == {"a": ["fruit"], "b": ["run"]}
+    assert bm25.bm25_search(TOY_DOCS, queries, stemmer=None)["b"] == []  # "running" != "runs"
+    assert bm25.bm25_search(index, queries, k=1) == {"a": ["fruit"], "b": ["run"]}
 
 
 def test_bm25_ties_broken_by_corpus_order_and_k_cut():
     docs = {f"d{i}": "same words here" for i in range(5)}
-    assert metrics.BM25Index(docs).search(["words"], k=3) == [["d0", "d1", "d2"]]
+    assert bm25.BM25Index(docs).search(["words"], k=3) == [["d0", "d1", "d2"]]
 
 
 def test_bm25_on_demo_corpus(demo_root):
@@ -156,8 +157,8 @@ def test_bm25_on_demo_corpus(demo_root):
     docs, queries = read_jsonl(mair_config.docs_path(task)), read_jsonl(mair_config.queries_path(task))
     qrels, report = metrics.qrels_from_queries(queries, [d["id"] for d in docs], task)
     assert report["unknown_labels"] == 0
-    index = metrics.BM25Index(docs)
-    rankings = metrics.bm25_search(index, queries, k=100)
+    index = bm25.BM25Index(docs)
+    rankings = bm25.bm25_search(index, queries, k=100)
     assert set(rankings) == set(qrels) and max(map(len, rankings.values())) <= 100
     agg, _ = metrics.evaluate(qrels, metrics.run_from_rankings(rankings))
     assert agg["Acc@1"] > 0.15, agg            # chance is about 1/600
@@ -171,34 +172,6 @@ def test_bm25_on_demo_corpus(demo_root):
             ranked = scores[[position[d] for d in rankings[q["qid"]]]]
             assert ranked[0] == pytest.approx(scores.max())
             assert np.all(np.diff(ranked) <= 1e-6)
-
-
-def test_bm25_negatives_exclude_positives_and_are_distinct(demo_root):
-    task = "PyDoc-Net"
-    docs, queries = read_jsonl(mair_config.docs_path(task)), read_jsonl(mair_config.queries_path(task))
-    index = metrics.BM25Index(docs)
-    texts = [q["query"] for q in queries[:100]] + ["zzzqx qqqzy"]  # the last shares no term
-    positives = [{label["id"] for label in q["labels"]} for q in queries[:100]] + [docs[0]["id"]]
-    negs = metrics.bm25_negatives(index, texts, positives, k=20, n=7, seed=1)
-    top20 = index.search(texts, k=20)
-    ids = set(index.doc_ids)
-    for neg, pos, top in zip(negs, positives, top20):
-        pos = {pos} if isinstance(pos, str) else pos
-        assert len(neg) == 7 and len(set(neg)) == 7
-        assert not set(neg) & pos and set(neg) <= ids
-        if len(set(top) - pos) >= 7:
-            assert set(neg) <= set(top)            # hard negatives from the BM25 top-k
-    assert negs == metrics.bm25_negatives(index, texts, positives, k=20, n=7, seed=1)
-    assert negs != metrics.bm25_negatives(index, texts, positives, k=20, n=7, seed=2)
-
-
-def test_bm25_negatives_pad_and_small_corpus(caplog):
-    neg = metrics.bm25_negatives(TOY_DOCS, ["apple", "cherry"], ["fruit", ["stone", "run"]], n=3)
-    assert sorted(neg[0]) == ["run", "stone", "stop"]   # only "fruit" matches: padded at random
-    with caplog.at_level(logging.WARNING, logger="metrics"):
-        neg = metrics.bm25_negatives(TOY_DOCS, ["cherry"], [["stone", "run"]], n=3)
-    assert sorted(neg[0]) == ["fruit", "stop"]
-    assert "fewer than 3 negatives" in caplog.text
 
 
 # ----------------------------------------------------------------------------- tables

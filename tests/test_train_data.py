@@ -9,10 +9,10 @@ import scipy.sparse as sp
 import Stemmer
 import torch
 
+import bm25
 import genir
 import lm
 import mair_config as mc
-import metrics
 import train_data
 from docids import ExtractiveTeacher
 from file_io import DataError, read_jsonl, read_rows, write_jsonl
@@ -126,14 +126,14 @@ def test_docid_table_is_load_docids(setup):
 
 def test_memory_mapped_bm25_is_the_in_memory_one_and_bm25s(setup):
     docs = setup["docs"]
-    index = metrics.BM25Index(docs)
+    index = bm25.BM25Index(docs)
     loaded = setup["supplier"].data.bm25
     queries = [q["query"] for q in read_jsonl(mc.queries_path(TASK, setup["root"]))]
     assert loaded.search(queries, k=100) == index.search(queries, k=100)
     assert not loaded.weights.data.flags.writeable  # the read-only mapping, not a copy
-    reference = bm25s.BM25(k1=metrics.BM25_K1, b=metrics.BM25_B)
-    tokens = bm25s.tokenize([d["doc"] for d in docs], stopwords=metrics.BM25_STOPWORDS,
-                            stemmer=Stemmer.Stemmer(metrics.BM25_STEMMER), show_progress=False)
+    reference = bm25s.BM25(k1=bm25.BM25_K1, b=bm25.BM25_B)
+    tokens = bm25s.tokenize([d["doc"] for d in docs], stopwords=bm25.BM25_STOPWORDS,
+                            stemmer=Stemmer.Stemmer(bm25.BM25_STEMMER), show_progress=False)
     reference.index(tokens, show_progress=False)
     s = reference.scores
     rows = [tokens.vocab[t] for t in sorted(index.vocab, key=index.vocab.get)]
@@ -154,7 +154,7 @@ def test_ranking_groups_and_their_lazy_negatives(setup):
             first.setdefault(q["labels"][0]["id"], q)
     groups = [(data.docs.ids[int(data.doc[g])], data.row(int(g))) for g in data.groups]
     assert groups == list(first.items())
-    index = metrics.BM25Index(docs)
+    index = bm25.BM25Index(docs)
     want = genir.C["GROUP_SIZE"] - 1
     for g, (positive, row) in enumerate(groups):
         negatives = supplier.negatives(g, row["query"], positive)
