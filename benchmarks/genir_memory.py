@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import mair_config  # noqa: E402
+from benchmarks.procmem import reset_peak, status_kb  # noqa: E402
 
 CORPUS = "PyDoc-Net"
 PER_DOC, DOC_WORDS, QUERY_WORDS, PASSAGE_WORDS, DOCID_WORDS = 16, 150, 10, 32, 8
@@ -83,21 +84,7 @@ def write_corpus(root, n_docs):
 
 
 def rss_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def reset_peak():
-    """Reset the kernel's peak-RSS mark (Linux); False when not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return status_kb(field) / 1024
 
 
 def measure(root, work, n_batches):

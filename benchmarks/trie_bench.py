@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.procmem import reset_peak, status_kb  # noqa: E402
 from device_trie import DeviceTrie  # noqa: E402
 from prefix_tree import ARRAYS, PrefixTree  # noqa: E402
 
@@ -32,24 +33,6 @@ MIN_LEN, MAX_LEN = 6, 12
 LOOKUP_REPEATS = 200
 MASK_REPEATS = 20
 SEED = 0
-
-
-def rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak():
-    """Reset the kernel's peak-RSS mark (Linux); False when not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def resident_bytes(tree, trie):
@@ -96,7 +79,7 @@ def main():
     suffix = torch.from_numpy(np.stack([tokens[starts[picked] + step] for step in range(3)], 1).astype(np.int64))
 
     exact_peak = reset_peak()
-    before = rss_kb("VmRSS")
+    before = status_kb("VmRSS")
     start = time.perf_counter()
     tree = PrefixTree.from_arrays(doc_ids, tokens, lengths, end_id)
     build_seconds = time.perf_counter() - start
@@ -109,7 +92,7 @@ def main():
 
     lookup_us = time_us(lookup, LOOKUP_REPEATS)
     mask_us = time_us(lambda: trie.allowed_mask(nodes), MASK_REPEATS)
-    peak = rss_kb("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = status_kb("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_rss_mb = (peak - before) / 1024
     resident = resident_bytes(tree, trie)
     stats = {

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -259,3 +260,37 @@ def test_one_two_process_launch_trains_and_evaluates_every_corpus(trained, tmp_p
                 lines = [line.split() for line in f]
             assert {line[0] for line in lines} == qids
             assert len({(line[0], line[2]) for line in lines}) == len(lines)
+
+
+def test_a_failing_rank_stops_the_launch_and_a_rerun_resumes(trained, tmp_path):
+    """Rank 1 fails on a task: the launch ends at once (not after DIST_TIMEOUT), naming the rank;
+    the rerun finishes every task and keeps the finished ones."""
+    settings = dict(trained["settings"], OUT_DIR=str(tmp_path / "out"), STAGE="eval", RERANK=False, K=4,
+                    DIST_TIMEOUT=300)
+    config = str(tmp_path / "cfg.json")
+    write_json({"genir": settings}, config)
+    faulty = tmp_path / "faulty_genir.py"
+    faulty.write_text(
+        "import os, sys\nimport genir\n"
+        "real = genir.evaluate_task\n"
+        "def evaluate_task(task, cache):\n"
+        "    if os.environ['RANK'] == '1' and task == 'PyCode-Dev':\n"
+        "        raise RuntimeError('injected fault')\n"
+        "    return real(task, cache)\n"
+        "genir.evaluate_task = evaluate_task\nsys.exit(genir.main())\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    started = time.time()
+    run = subprocess.run(cmd + [str(faulty), "--config", config], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert run.returncode != 0 and time.time() - started < settings["DIST_TIMEOUT"]
+    assert "rank 1: PyCode-Dev evaluation failed" in run.stderr
+    out = os.path.join(settings["OUT_DIR"], "t")
+    first = os.path.getmtime(os.path.join(out, "PyDoc-Net", "metrics.json"))
+    assert not os.path.exists(os.path.join(out, "PyCode-Dev", "metrics.json"))
+    again = subprocess.run(cmd + ["genir.py", "--config", config], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert os.path.getmtime(os.path.join(out, "PyDoc-Net", "metrics.json")) == first
+    assert os.path.exists(os.path.join(out, "PyCode-Dev", "metrics.json"))
+    assert not os.path.exists(os.path.join(out, "failures.json"))
