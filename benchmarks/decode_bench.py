@@ -3,7 +3,7 @@ per-query reference (one transformers `generate` call per DocID with `prefix_all
 and a dict trie copied per query, as in the original code) and against unconstrained batched
 sampling of the same number of tokens (same prompt cache, temperatures, top-k and top-p, no trie).
 
-    python benchmarks/decode_bench.py [--queries 64] [--docids 10000] [--K 100] [--threads N]
+    python -m benchmarks.decode_bench [--queries 64] [--docids 10000] [--K 100] [--threads N]
 
 The model is a randomly initialised 4-layer, 256-wide Llama (vocab 8192); DocIDs are random
 token sequences (Zipf-distributed tokens, so that prefixes are shared as in text). The reference
@@ -14,20 +14,15 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from decoding import TOP_K, TOP_P, PromptBatch, RowWarper, decode, reverse_annealed_temperatures  # noqa: E402
-from prefix_tree import PrefixTree  # noqa: E402
-from reference_trie import DictTrie, reference_decode  # noqa: E402
+from decoding import TOP_K, TOP_P, PromptBatch, RowWarper, decode, reverse_annealed_temperatures
+from prefix_tree import PrefixTree
+from reference_decoder import DictTrie, reference_decode
 
 VOCAB, HIDDEN, LAYERS, HEADS = 8192, 256, 4, 4
 DOCID_LEN = (6, 12)     # tokens per DocID, inclusive

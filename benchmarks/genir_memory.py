@@ -1,6 +1,6 @@
 """Host memory and start-up time of genir's training data on a synthetic corpus.
 
-    python benchmarks/genir_memory.py --docs 200000 [--batches 20] [--tmp DIR] [--keep]
+    python -m benchmarks.genir_memory --docs 200000 [--batches 20] [--tmp DIR] [--keep]
 
 1. A separate process writes a corpus of --docs documents in the MAIR layout under a temporary
    DATA_ROOT: documents of ~150 words from a Zipf-like vocabulary, per document 16 pseudo-queries
@@ -37,10 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import mair_config  # noqa: E402
-from benchmarks.procmem import reset_peak, status_kb  # noqa: E402
+import mair_config
+from benchmarks.procmem import reset_peak, status_kb
 
 CORPUS = "PyDoc-Net"
 PER_DOC, DOC_WORDS, QUERY_WORDS, PASSAGE_WORDS, DOCID_WORDS = 16, 150, 10, 32, 8
@@ -139,7 +137,7 @@ def search_cost(supplier):
 
 def run(args, role):
     """Run this script in a fresh process in `role`; its last stdout line, parsed."""
-    cmd = [sys.executable, __file__, "--role", role, "--root", args.root, "--work", args.work,
+    cmd = [sys.executable, "-m", "benchmarks.genir_memory", "--role", role, "--root", args.root, "--work", args.work,
            "--docs", str(args.docs), "--batches", str(args.batches)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     sys.stderr.write(out.stderr[-4000:])

@@ -1,6 +1,6 @@
 """Prefix-tree benchmark: build time and memory on random DocIDs, and batched lookups.
 
-    python benchmarks/trie_bench.py [--docids 1000000] [--vocab 32000] [--rows 256] [--threads N]
+    python -m benchmarks.trie_bench [--docids 1000000] [--vocab 32000] [--rows 256] [--threads N]
 
 DocIDs are random token sequences of MIN_LEN..MAX_LEN tokens. Prints its figures and, as its last
 line, one JSON object: build_seconds, peak_rss_mb (peak growth of resident memory from the
@@ -17,17 +17,14 @@ import json
 import logging
 import os
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.procmem import reset_peak, status_kb  # noqa: E402
-from device_trie import DeviceTrie  # noqa: E402
-from prefix_tree import ARRAYS, PrefixTree  # noqa: E402
+from benchmarks.procmem import reset_peak, status_kb
+from device_trie import DeviceTrie
+from prefix_tree import ARRAYS, PrefixTree
 
 MIN_LEN, MAX_LEN = 6, 12
 LOOKUP_REPEATS = 200

@@ -24,9 +24,8 @@ import time
 import tokenize
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from file_io import write_jsonl  # noqa: E402
-import mair_config  # noqa: E402
+from file_io import write_jsonl
+import mair_config
 
 log = logging.getLogger("build_demo")
 

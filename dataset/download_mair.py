@@ -12,14 +12,11 @@ A task's main split (`queries` / `docs`) becomes `MAIR-Queries/<task>/queries.js
 import argparse
 import logging
 import os
-import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import mair_config  # noqa: E402
-from file_io import DataError, write_jsonl  # noqa: E402
+import mair_config
+from file_io import DataError, write_jsonl
 
 log = logging.getLogger("download_mair")
 

@@ -7,13 +7,11 @@ Deterministic: the same corpus and seed give byte-identical files.
 """
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import mair_config  # noqa: E402
-from file_io import iter_jsonl  # noqa: E402
+import mair_config
+from file_io import iter_jsonl
 
 log = logging.getLogger("build_tiny")
 

@@ -12,7 +12,7 @@ import mair_config
 from decoding import TrieLogitsProcessor, decode, reverse_annealed_temperatures
 from device_trie import DeviceTrie, Removals, _live_candidates, _RootCandidates
 from prefix_tree import PrefixTree
-from reference_trie import DictTrie, reference_decode, shortest_unique_paths
+from reference_decoder import DictTrie, reference_decode, shortest_unique_paths
 
 TASK = "PyDoc-Net"
 N_DOCS, N_QUERIES, K = 300, 5, 15

@@ -13,7 +13,7 @@ from decoding import TrieLogitsProcessor
 import prefix_tree
 from device_trie import DeviceTrie, Removals
 from prefix_tree import ARRAYS, PrefixTree
-from reference_trie import DictTrie, shortest_unique_paths
+from reference_decoder import DictTrie, shortest_unique_paths
 
 END = 7          # end token of the synthetic trees (tokens are 0..4)
 VOCAB = END + 2  # one unused id above the end token
