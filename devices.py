@@ -5,19 +5,27 @@ GPUs the user reserved), else every GPU that `nvidia-smi -L` lists. A vLLM engin
 a GPU's memory, so each GPU is one slot (one shard process at a time) unless a memory fraction per
 engine packs floor(1 / fraction) engines on it; shards beyond the slots wait for a free one.
 Nothing here initialises CUDA: a process that did cannot hand CUDA to vLLM's forked workers.
+The shard processes end with the launcher, however it ends (SIGTERM, Ctrl-C, SIGKILL on Linux).
 """
+import ctypes
+import functools
 import logging
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
 
 log = logging.getLogger("devices")
 
 ENV = "CUDA_VISIBLE_DEVICES"
 NO_DEVICES = {"", "-1"}  # values that hide every GPU
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_WAIT_S = 10  # seconds a stopped shard process gets to exit before it is killed
 
 
 class DeviceError(ValueError):
@@ -124,22 +132,66 @@ def assign_shards(n_shards, devices, per_device=1):
     return [list(zip(pids[start:start + len(slots)], slots)) for start in range(0, n_shards, len(slots))]
 
 
+def _die_with(parent):
+    """In a new child (before exec): have the kernel send it SIGTERM when the thread that started it
+    ends, even by SIGKILL."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def start_child(cmd, **kwargs):
+    """subprocess.Popen(cmd, **kwargs) of a process that ends when this one ends (Linux: the parent
+    death signal, so call it from the thread that lives as long as the launcher, the main one)."""
+    if sys.platform.startswith("linux"):
+        kwargs["preexec_fn"] = functools.partial(_die_with, os.getpid())
+    return subprocess.Popen(cmd, **kwargs)
+
+
+def stop(procs, wait_s=STOP_WAIT_S):
+    """Terminate the processes still running, then kill those that outlive `wait_s` seconds."""
+    alive = [p for p in procs if p.poll() is None]
+    if alive:
+        log.warning("stopping %d shard process(es)", len(alive))
+    for proc in alive:
+        proc.terminate()
+    deadline = time.time() + wait_s
+    for proc in alive:
+        try:
+            proc.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run_in_slots(jobs, slots, start, on_done=None, poll_s=0.5):
     """Run every job, each slot holding one at a time: `start(job, device)` returns a started
     subprocess.Popen and the next job takes the first slot that frees. `on_done(job, code)` is
-    called as each one ends. Returns {job: exit code}."""
+    called as each one ends. Returns {job: exit code}. If this ends early (an error, Ctrl-C, SIGTERM),
+    the running processes are stopped first."""
     if not slots:
         raise ValueError("no slot to run shards in")
     queue, free, running, codes = list(jobs), list(slots), {}, {}
-    while queue or running:
-        while queue and free:
-            job, device = queue.pop(0), free.pop(0)
-            running[start(job, device)] = (job, device)
-        time.sleep(poll_s)
-        for proc in [p for p in running if p.poll() is not None]:
-            job, device = running.pop(proc)
-            codes[job] = proc.returncode
-            free.insert(0, device)
-            if on_done:
-                on_done(job, proc.returncode)
+    main = threading.current_thread() is threading.main_thread()  # signal handlers: the main thread only
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
+    try:
+        while queue or running:
+            while queue and free:
+                job, device = queue.pop(0), free.pop(0)
+                running[start(job, device)] = (job, device)
+            time.sleep(poll_s)
+            for proc in [p for p in running if p.poll() is not None]:
+                job, device = running.pop(proc)
+                codes[job] = proc.returncode
+                free.insert(0, device)
+                if on_done:
+                    on_done(job, proc.returncode)
+    finally:
+        stop(running)
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return codes

@@ -10,7 +10,8 @@ Per corpus: MODEL_DIR/<RUN>/<corpus>/ (retriever checkpoints, trie/). Per task:
 OUT_DIR/<RUN>/<task>/{bm25,zerogr,zerogr-rerank}.run (TREC) and metrics.json; then
 OUT_DIR/<RUN>/results.md (paper-style tables) and, for the ablation, a run per mode and task
 (ablation-<mode>.run), ablation.md / ablation.png / schedule.png. Finished tasks and ablation runs
-are reused on a rerun (delete them to recompute); a failing task is reported and the others go on.
+are reused on a rerun (delete them to recompute), a prefix tree that does not load is rebuilt; a
+failing corpus or task is reported in OUT_DIR/<RUN>/failures.json (while it stands) and the others go on.
 """
 import hashlib
 import itertools
@@ -20,19 +21,17 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 import bm25
 import decoding
 import lm
 import mair_config
 import metrics
+import ranking
 import train_data
 from config import env_rank, parse_args, setup_logging
-from file_io import DataError, atomic_open, read_json, read_rows, write_json
-from prefix_tree import PrefixTree
+from file_io import DataError, atomic_open, iter_rows, read_json, read_rows, write_json
+from prefix_tree import PrefixTree, TrieCacheError
+from ranking import answer_ids, rank_scores, ranknet_loss  # noqa: F401  (part of genir's interface)
 from shards import read_docs
 
 C = {
@@ -86,6 +85,8 @@ C = {
     "RERANK": True,                                 # also rank the candidates by RANK_TOKEN's logit
     "RERANK_BATCH_SIZE": 512,                       # candidate rows scored together
     "BM25_WITH_INSTRUCTION": False,
+    "DROP_NO_POSITIVE": False,                      # True: queries with no relevant label leave the qrels (BEIR)
+    "DOCID_COLLISION_WARN": 0.5,                    # warn when more documents than this share their DocID
     "ABLATION_MODES": ["greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam"],
     "SEED": 0,
     "LOG_EVERY": 10,
@@ -140,28 +141,8 @@ def query_prompt(tokenizer, instruction, query, max_query_tokens):
 # ---------------------------------------------------------------------------------------------- ranking head
 
 def rank_token_id(tokenizer, model=None):
-    """Id of the ranking token, added to the vocabulary (and the model resized) if missing."""
-    token = C["RANK_TOKEN"]
-    if token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [token]})
-        if model is not None:
-            model.resize_token_embeddings(len(tokenizer))
-        log.info("added the ranking token %s to the vocabulary", token)
-    return tokenizer.convert_tokens_to_ids(token)
-
-
-def rank_scores(model, input_ids, attention_mask, token_id):
-    """Logit of the ranking token at each right-padded sequence's last position."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    last = hidden[torch.arange(len(input_ids), device=hidden.device), attention_mask.sum(1) - 1]
-    return (last @ model.get_output_embeddings().weight[token_id]).float()
-
-
-def ranknet_loss(model, batch):
-    """RankNet: each group's positive (first) above each of its negatives."""
-    scores = rank_scores(model, batch["input_ids"], batch["attention_mask"], batch["token_id"])
-    groups = scores.view(-1, batch["group_size"])
-    return F.softplus(groups[:, 1:] - groups[:, :1]).mean()
+    """Id of RANK_TOKEN, added to the vocabulary (and the model resized) if missing."""
+    return ranking.rank_token_id(tokenizer, C["RANK_TOKEN"], model)
 
 
 def rank_groups(tokenizer, docs, gists, queries, token_id):
@@ -213,29 +194,53 @@ def train_corpus(corpus):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 def load_trie(corpus, tokenizer, docs, gists):
-    """The corpus's prefix tree, saved next to its retriever and rebuilt when the DocIDs or the
-    tokenizer change (a fingerprint of both is kept beside it)."""
+    """The corpus's prefix tree, saved next to its retriever with a fingerprint of the DocIDs and
+    the tokenizer; rebuilt when they change or the saved tree does not load."""
     path = os.path.join(model_dir(corpus), "trie")
     pairs = [(d["id"], gists[d["id"]]) for d in docs if d["id"] in gists]
     digest = hashlib.sha1(json.dumps([pairs, len(tokenizer), tokenizer.eos_token]).encode()).hexdigest()
-    stamp = path + ".source.json"
-    if os.path.exists(os.path.join(path, "meta.json")) and os.path.exists(stamp) \
-            and read_json(stamp).get("sha1") == digest:
-        return PrefixTree.load(path)
+    if os.path.exists(path):
+        try:
+            tree = PrefixTree.load(path)
+            if tree.source == digest:
+                return tree
+        except TrieCacheError as e:
+            log.warning("%s: %s; rebuilding it", corpus, e)
     tree = PrefixTree.build(pairs, tokenizer)
+    tree.source = digest
     if env_rank() == 0:
         tree.save(path)
-        write_json({"sha1": digest, "docids": len(pairs)}, stamp)
         log.info("%s: prefix tree of %d DocIDs (%d leaves) -> %s", corpus, len(pairs), tree.n_leaves, path)
     return tree
 
 
+def docid_collisions(corpus, tree):
+    """A warning (in a list) when the DocIDs hardly tell documents apart: more than DOCID_COLLISION_WARN
+    of the documents share their DocID (their trie leaf) with another, whose documents ZeroGR can
+    only return together, in id order."""
+    sizes = tree.leaf_doc_ptr[1:] - tree.leaf_doc_ptr[:-1]
+    rate = int(sizes[sizes > 1].sum()) / tree.doc_count
+    if rate <= C["DOCID_COLLISION_WARN"]:
+        return []
+    warning = (f"{corpus}: degenerate DocIDs: {rate:.0%} of {tree.doc_count} documents share their DocID with "
+               f"another document ({tree.n_leaves} distinct DocIDs); ZeroGR returns each shared DocID's "
+               "documents together, in id order")
+    log.warning(warning)
+    return [warning]
+
+
 def eval_queries(task, doc_ids):
-    """(queries to decode, qrels, qrels report) of a task; empty queries stay in the qrels (they score 0)."""
+    """(queries to decode, qrels, qrels report) of a task; empty queries stay in the qrels (they score
+    0), and so do queries with no relevant label unless DROP_NO_POSITIVE."""
     path = mair_config.queries_path(task, C["DATA_ROOT"])
-    rows = read_rows(path, ("qid", "query", "labels"))
-    qrels, report = metrics.qrels_from_queries(rows, doc_ids, source=path)
-    decodable = [q for q in rows if str(q["query"]).strip()]
+    numbered = list(iter_rows(path, ("qid", "query", "labels")))
+    rows = [row for _, row in numbered]
+    qrels, report = metrics.qrels_from_queries(rows, doc_ids, source=path, lines=[n for n, _ in numbered],
+                                               drop_no_relevant=C["DROP_NO_POSITIVE"])
+    if not qrels:
+        raise DataError(f"{path}: no query to evaluate "
+                        f"({report['no_relevant_dropped']} without a relevant label left out)")
+    decodable = [q for q in rows if str(q["query"]).strip() and str(q["qid"]) in qrels]
     return decodable, qrels, report
 
 
@@ -257,13 +262,17 @@ def gather(results, state):
     return [x for part in gather_object([results]) for x in part]
 
 
+def eval_prompts(tokenizer, queries):
+    """Chat-encoded prompt token ids of evaluation queries."""
+    return [lm.chat_prompt_ids(tokenizer, query_prompt(tokenizer, q.get("instruction"), q["query"],
+                                                       C["MAX_EVAL_QUERY_TOKENS"])) for q in queries]
+
+
 def decode_queries(model, tokenizer, tree, queries, mode):
     """{qid: (ranking doc ids, decoded leaves)} for this process's queries, gathered from all."""
     mine, state = split_for_process(queries)
-    prompts = [lm.chat_prompt_ids(tokenizer, query_prompt(tokenizer, q.get("instruction"), q["query"],
-                                                         C["MAX_EVAL_QUERY_TOKENS"])) for q in mine]
-    found = decoding.decode(model, tree, prompts, mode=mode, K=C["K"], k=C["SLOPE"], m=C["MIDPOINT"],
-                            t_max=C["T_MAX"], top_k=C["TOP_K"], top_p=C["TOP_P"],
+    found = decoding.decode(model, tree, eval_prompts(tokenizer, mine), mode=mode, K=C["K"], k=C["SLOPE"],
+                            m=C["MIDPOINT"], t_max=C["T_MAX"], top_k=C["TOP_K"], top_p=C["TOP_P"],
                             temperature=C["NUCLEUS_TEMPERATURE"], num_beams=C["NUM_BEAMS"],
                             batch_size=C["EVAL_BATCH_SIZE"], max_results=C["MAX_RESULTS"], seed=C["SEED"],
                             draws_per_round=C["DRAWS_PER_ROUND"], beam_token_budget=C["BEAM_TOKEN_BUDGET"],
@@ -273,55 +282,14 @@ def decode_queries(model, tokenizer, tree, queries, mode):
     return dict(gather(local, state))
 
 
-def answer_ids(tokenizer, gist):
-    """Token ids of a DocID as the assistant's answer inside the chat (end-of-turn included)."""
-    example = lm.encode_example(tokenizer, "q", gist, 10_000)
-    return [t for t in example["labels"] if t != lm.IGNORE_INDEX]
-
-
-@torch.no_grad()
 def rerank(model, tokenizer, queries, rankings, gists, token_id):
-    """The generated candidates of each query re-ordered by the ranking token's logit after
-    [query -> candidate DocID]. Each prompt is encoded once and its KV cache shared by its
-    candidates, whose DocID tokens then go through the model in one pass (RERANK_BATCH_SIZE rows
-    at a time)."""
+    """{qid: generated candidates re-ordered by the ranking token's logit} (see ranking.rerank) for
+    this process's queries, gathered from all."""
     mine, state = split_for_process(queries)
-    answers = {}
-    local = []
-    model.eval()
-    width = max([len(rankings.get(str(q["qid"]), [])) for q in mine] + [1])
-    per_chunk = max(1, C["RERANK_BATCH_SIZE"] // width)
-    for start in tqdm(range(0, len(mine), per_chunk), desc="rerank", disable=not state.is_main_process,
-                      dynamic_ncols=True):
-        chunk = mine[start:start + per_chunk]
-        cands = [rankings.get(str(q["qid"]), []) for q in chunk]
-        if not any(cands):
-            local.extend((str(q["qid"]), []) for q in chunk)
-            continue
-        prompts = [lm.chat_prompt_ids(tokenizer, query_prompt(tokenizer, q.get("instruction"), q["query"],
-                                                              C["MAX_EVAL_QUERY_TOKENS"])) for q in chunk]
-        m = max(len(c) for c in cands)
-        rows = [answers.setdefault(d, answer_ids(tokenizer, gists[d])) if j < len(c) else []
-                for c in cands for j, d in enumerate(c + [None] * (m - len(c)))]
-        lengths = torch.tensor([len(r) for r in rows], device=model.device)
-        steps = int(lengths.max())
-        tokens = torch.zeros(len(rows), steps, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        batch = decoding.PromptBatch(model, prompts, repeats=m)
-        offsets = torch.arange(steps, device=model.device)
-        mask = torch.cat([batch.mask, (offsets < lengths[:, None]).long()], 1)
-        hidden = model.get_decoder()(input_ids=tokens.to(model.device), attention_mask=mask,
-                                     position_ids=batch.lengths[:, None] + offsets, use_cache=True,
-                                     **{batch.cache_arg: batch.cache}).last_hidden_state
-        last = hidden[torch.arange(len(rows), device=model.device), (lengths - 1).clamp(min=0)]
-        scores = (last @ model.get_output_embeddings().weight[token_id]).float()
-        scores = scores.masked_fill(lengths == 0, float("-inf"))
-        scores = scores.view(len(chunk), m).tolist()
-        for q, c, row in zip(chunk, cands, scores):
-            order = sorted(range(len(c)), key=lambda j: -row[j])
-            local.append((str(q["qid"]), [c[j] for j in order]))
-    return dict(gather(local, state))
+    ordered = ranking.rerank(model, tokenizer, eval_prompts(tokenizer, mine),
+                             [rankings.get(str(q["qid"]), []) for q in mine], gists, token_id,
+                             C["RERANK_BATCH_SIZE"], progress=state.is_main_process)
+    return dict(gather([(str(q["qid"]), docs) for q, docs in zip(mine, ordered)], state))
 
 
 def write_runs(task, runs):
@@ -339,6 +307,7 @@ def load_task(task):
     queries, qrels, report = eval_queries(task, {d["id"] for d in docs})
     model, tokenizer = lm.load_model(model_dir(corpus), device=process_state().device)
     tree = load_trie(corpus, tokenizer, docs, gists)
+    warnings += docid_collisions(corpus, tree)
     return corpus, docs, gists, warnings, queries, qrels, report, model, tokenizer, tree
 
 
@@ -346,11 +315,7 @@ def evaluate_task(task, bm25_cache):
     """Evaluate one task: BM25, ZeroGR (generation order) and ZeroGR reranked; returns its metrics."""
     started = time.time()
     corpus, docs, gists, warnings, queries, qrels, report, model, tokenizer, tree = load_task(task)
-    if report.get("empty_query"):
-        warnings.append(f"{task}: {report['empty_query']} empty queries (scored 0)")
-    if report.get("unknown_labels"):
-        warnings.append(f"{task}: {report['unknown_labels']} labels point to documents missing from the corpus "
-                        f"(e.g. {', '.join(report.get('unknown_examples', [])[:3])})")
+    warnings += metrics.qrels_notes(task, report)
     if corpus not in bm25_cache:
         bm25_cache[corpus] = bm25.BM25Index(docs)
     runs = {"bm25": bm25.bm25_search(bm25_cache[corpus], queries, k=C["MAX_RESULTS"],
@@ -365,7 +330,7 @@ def evaluate_task(task, bm25_cache):
         result["methods"][METHODS[name]], _ = metrics.evaluate(qrels, metrics.run_from_rankings(rankings))
     result["seconds"] = round(time.time() - started, 1)
     result["settings"] = {k: C[k] for k in ("DECODE_MODE", "K", "SLOPE", "MIDPOINT", "T_MAX", "TOP_K", "TOP_P",
-                                            "MAX_RESULTS", "SEED", "BM25_WITH_INSTRUCTION")}
+                                            "MAX_RESULTS", "SEED", "BM25_WITH_INSTRUCTION", "DROP_NO_POSITIVE")}
     if env_rank() == 0:
         write_runs(task, runs)
         write_json(result, os.path.join(run_dir(), task, "metrics.json"))
@@ -383,6 +348,20 @@ def finished_results(tasks):
     return results
 
 
+def ranking_limits(results):
+    """(what, depth, tasks) of each limit on the ranking lengths of finished tasks (see metrics.depth_notes)."""
+    limits = {}
+    for task, r in results.items():
+        s = r["settings"]
+        greedy = s["DECODE_MODE"] == "greedy"
+        what = "ZeroGR decoded one DocID per query (greedy)" if greedy else \
+            f"ZeroGR decoded at most K={s['K']} DocIDs per query"
+        limits.setdefault((what, 1 if greedy else s["K"]), []).append(task)
+        limits.setdefault((f"every method returned at most MAX_RESULTS={s['MAX_RESULTS']} documents per query",
+                           s["MAX_RESULTS"]), []).append(task)
+    return [(what, depth, tasks) for (what, depth), tasks in limits.items()]
+
+
 def write_tables(tasks):
     results = finished_results(tasks)
     if not results:
@@ -390,7 +369,7 @@ def write_tables(tasks):
         return None
     table = metrics.results_tables({t: r["methods"] for t, r in results.items()},
                                    {t: r["domain"] for t, r in results.items()}, mair_config.BEIR_TASKS,
-                                   methods=list(METHODS.values()))
+                                   methods=list(METHODS.values()), limits=ranking_limits(results))
     notes = [w for r in results.values() for w in r.get("warnings", [])]
     missing = [t for t in tasks if t not in results]
     text = f"# Results: {C['RUN']}\n\n{table}\n"
@@ -468,7 +447,27 @@ def record_failure(failures, name, step, error):
         log.error("rank %d: %s %s failed; stopping this launch (rerun to resume)", env_rank(), name, step)
         raise error
     log.exception("%s: %s failed", name, step)
-    failures[name] = f"{type(error).__name__}: {error}"
+    failures[name] = f"{step}: {type(error).__name__}: {error}"
+
+
+def write_failures(failures):
+    """Keep OUT_DIR/<RUN>/failures.json to the failures that still stand: this run's, and those of
+    an earlier run in a step (training, evaluation) this run did not retry; removed when none is left."""
+    path = os.path.join(run_dir(), "failures.json")
+    not_retried = {"all": (), "train": ("evaluation",), "eval": ("training",)}[C["STAGE"]]
+    try:
+        earlier = dict(read_json(path)) if os.path.exists(path) else {}
+    except (TypeError, ValueError) as e:
+        log.warning("%s: unreadable (%s); rewritten", path, e)
+        earlier = {}
+    standing = {**{n: v for n, v in earlier.items() if str(v).startswith(not_retried)}, **failures}
+    if failures:
+        log.error("failed: %s (see %s)", ", ".join(failures), path)
+    if standing:
+        write_json(standing, path)
+    elif os.path.exists(path):
+        os.remove(path)
+        log.info("no failure left: removed %s", path)
 
 
 def main(argv=None):
@@ -504,9 +503,8 @@ def main(argv=None):
         ablation(tasks)
     elif env_rank() == 0:
         write_tables(tasks)
-    if failures and env_rank() == 0:
-        write_json(failures, os.path.join(run_dir(), "failures.json"))
-        log.error("failed: %s (see %s)", ", ".join(failures), os.path.join(run_dir(), "failures.json"))
+    if env_rank() == 0 and C["STAGE"] in ("all", "train", "eval"):
+        write_failures(failures)
     return 1 if failures else 0
 
 

@@ -9,14 +9,17 @@ import json
 import logging
 import math
 import os
+import random
+import re
 import shutil
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from file_io import write_json
+from file_io import umask_mode, write_json
 
 log = logging.getLogger("lm")
 
@@ -164,12 +167,21 @@ def init_distributed(timeout_s=DIST_TIMEOUT_S):
     return PartialState(cpu=not cuda_available(), timeout=timedelta(seconds=timeout_s))
 
 
+CHECKPOINT = re.compile(r"checkpoint-epoch(\d+)(\.tmp)?$")
+
+
 def _checkpoints(out_dir):
+    """Names of the complete epoch checkpoints under `out_dir`, oldest first. The temporary directory
+    of a save that was killed (checkpoint-epoch<N>.tmp) is removed, with a warning."""
     if not os.path.isdir(out_dir):
         return []
-    done = [d for d in os.listdir(out_dir)
-            if d.startswith("checkpoint-epoch") and os.path.exists(os.path.join(out_dir, d, "trainer_state.json"))]
-    return sorted(done, key=lambda d: int(d[len("checkpoint-epoch"):]))
+    found = [(d, m) for d in os.listdir(out_dir) if (m := CHECKPOINT.match(d))]
+    for name in sorted(d for d, m in found if m.group(2)):
+        log.warning("%s: removing %s, left by a checkpoint save that did not finish", out_dir, name)
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    done = [(int(m.group(1)), d) for d, m in found
+            if not m.group(2) and os.path.exists(os.path.join(out_dir, d, "trainer_state.json"))]
+    return [d for _, d in sorted(done)]
 
 
 def last_checkpoint(out_dir):
@@ -182,6 +194,16 @@ def training_done(out_dir):
     return os.path.exists(os.path.join(out_dir, "training_complete.json"))
 
 
+def _umask_modes(directory):
+    """Give `directory` and the files directly in it the modes the umask gives (some writers, e.g.
+    safetensors, make their files 0600)."""
+    os.chmod(directory, umask_mode(directory=True))
+    mode = umask_mode()
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, mode)
+
+
 def _save_dir_atomically(out_dir, name, save_fn):
     """Write a directory with `save_fn(tmp_dir)`, then rename it into place."""
     final = os.path.join(out_dir, name)
@@ -189,6 +211,7 @@ def _save_dir_atomically(out_dir, name, save_fn):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_fn(tmp)
+    _umask_modes(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -208,7 +231,7 @@ class ShuffledOrder(torch.utils.data.RandomSampler):
     """A seeded RandomSampler (a generator, no replacement) without its Python list of every index
     (about 40 bytes an example, GBs on a large corpus): the epoch's permutation stays a tensor (8
     bytes an example), handed out in slices. The same generator draws, so the same order, epoch
-    after epoch."""
+    after epoch; train_sft saves its state with each checkpoint, so a resumed run continues it."""
 
     def __iter__(self):
         n, step = len(self.data_source), 1 << 16
@@ -227,6 +250,49 @@ def sft_loader(examples, batch_size, seed, pad_id):
                                        collate_fn=lambda b: collate(b, pad_id))
 
 
+class SeededBatches:
+    """Base of an `extra_batches` supplier that draws from `self.rng` (a random.Random): train_sft
+    saves its state with each epoch checkpoint and restores it on resume."""
+
+    def extra_state(self):
+        return self.rng.getstate()
+
+    def load_extra_state(self, state):
+        self.rng.setstate(state)
+
+
+def _random_states(order, extra_batches):
+    """This process's random states: python, numpy, torch (CPU and its CUDA device), the data order's
+    generator and the extra-batch supplier's (when it has `extra_state()`)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "order": order.get_state()}
+    if cuda_available():  # this process's device only: every device's would open a context on each
+        state["cuda"] = torch.cuda.get_rng_state()
+    if hasattr(extra_batches, "extra_state"):
+        state["extra"] = extra_batches.extra_state()
+    return state
+
+
+def _restore_random_states(states, accelerator, order, extra_batches, desc):
+    """Set the random states a checkpoint saved (one per process) in this process."""
+    if not states:
+        log.warning("%s: the checkpoint has no random states (an older version's): the resumed run will not "
+                    "match an uninterrupted one exactly", desc)
+        return
+    if len(states) != accelerator.num_processes:
+        log.warning("%s: checkpoint saved by %d processes, resumed on %d: data order continues, per-process "
+                    "random states are rank 0's", desc, len(states), accelerator.num_processes)
+    state = states[accelerator.process_index if len(states) == accelerator.num_processes else 0]
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    order.set_state(state["order"])
+    if "cuda" in state and cuda_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "extra" in state and hasattr(extra_batches, "load_extra_state"):
+        extra_batches.load_extra_state(state["extra"])
+
+
 def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_batches=None,
               resume_from=None, desc="sft"):
     """Fine-tune `model` on encoded `examples` (a list or a map-style dataset) with AdamW, constant LR
@@ -237,10 +303,12 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
     an epoch), grad_clip, seed, log_every, wandb, wandb_project, keep_checkpoints (newest epoch
     checkpoints kept; 0 = all), dist_timeout (seconds). `extra_batches(step)` returns the
     auxiliary batch (or None) for a step; `extra_loss(lm, batch)` scores it.
+    Each checkpoint also holds every process's random states, the data order's and `extra_batches`'
+    (see SeededBatches), so a run killed at any point and resumed ends as an uninterrupted one.
     Returns a summary dict (losses per epoch, steps, seconds, num_processes).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from transformers import get_constant_schedule_with_warmup
 
     init_distributed(cfg.get("dist_timeout", DIST_TIMEOUT_S))
@@ -250,6 +318,7 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
     if not examples:
         raise ValueError(f"{desc}: no training examples")
     loader = sft_loader(examples, cfg["batch_size"], cfg.get("seed", 0), tokenizer.pad_token_id)
+    order = loader.generator
     module = SFTModule(model, extra_loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
@@ -259,7 +328,7 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
         warmup = int(cfg.get("warmup_ratio", 0.0) * steps_per_epoch)
     scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
 
-    start_epoch, global_step, history = 0, 0, []
+    start_epoch, global_step, history, state = 0, 0, [], None
     resume_from = resume_from or last_checkpoint(out_dir)
     if resume_from:
         state = torch.load(os.path.join(resume_from, "optimizer.pt"), map_location="cpu", weights_only=False)
@@ -275,6 +344,8 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
     if main:
         log.info("%s: %d examples, %d processes, %d optimizer steps/epoch, %d epochs, warmup %d -> %s",
                  desc, len(examples), accelerator.num_processes, steps_per_epoch, cfg["epochs"], warmup, out_dir)
+    if state is not None:  # last before the loop: nothing may draw between the restore and the first batch
+        _restore_random_states(state.get("random"), accelerator, order, extra_batches, desc)
     started = time.time()
     for epoch in range(start_epoch, cfg["epochs"]):
         module.train()
@@ -303,10 +374,10 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
         mean_loss = accelerator.gather(torch.tensor([total / max(count, 1)], device=accelerator.device)).mean().item()
         history.append({"epoch": epoch + 1, "loss": mean_loss, "steps": global_step,
                         "seconds": round(time.time() - started, 1)})
-        accelerator.wait_for_everyone()
+        states = gather_object([_random_states(order, extra_batches)])
         if main:
-            _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, out_dir, epoch + 1, global_step,
-                             history, cfg.get("keep_checkpoints", 0))
+            _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, states, out_dir, epoch + 1,
+                             global_step, history, cfg.get("keep_checkpoints", 0))
             log.info("%s: epoch %d mean loss %.4f", desc, epoch + 1, mean_loss)
         accelerator.wait_for_everyone()
 
@@ -316,6 +387,7 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
         unwrapped = accelerator.unwrap_model(module).lm
         unwrapped.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
+        _umask_modes(out_dir)
         write_json(summary, os.path.join(out_dir, "training_complete.json"))  # written last: marks the model done
         if run:
             import wandb
@@ -328,22 +400,22 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
     return summary
 
 
-def _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, out_dir, epoch, global_step, history,
-                     keep=0):
+def _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, random_states, out_dir, epoch, global_step,
+                     history, keep=0):
     lm = accelerator.unwrap_model(module).lm
 
     def save(path):
         lm.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   os.path.join(path, "optimizer.pt"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "random": random_states}, os.path.join(path, "optimizer.pt"))
         with open(os.path.join(path, "trainer_state.json"), "w") as f:
             json.dump({"epoch": epoch, "global_step": global_step, "history": history,
                        "num_processes": accelerator.num_processes}, f, indent=2)
 
     path = _save_dir_atomically(out_dir, f"checkpoint-epoch{epoch}", save)
     older = _checkpoints(out_dir)[:-1]
-    for name in older:  # optimizer state is only needed to resume from the newest
+    for name in older:  # optimizer and random states are only needed to resume from the newest
         stale = os.path.join(out_dir, name, "optimizer.pt")
         if os.path.exists(stale):
             os.remove(stale)
@@ -365,23 +437,6 @@ def sft_config(C):
     keys = ("lr", "epochs", "batch_size", "grad_accum", "warmup_steps", "warmup_ratio", "grad_clip", "seed",
             "log_every", "wandb", "wandb_project", "weight_decay", "keep_checkpoints", "dist_timeout")
     return {k: C[k.upper()] for k in keys if k.upper() in C}
-
-
-def load_or_build_rows(path, fields, build, max_rows=None):
-    """Validated rows of an SFT data file; built with `build()` (and saved by rank 0) when missing."""
-    from config import env_rank
-    from file_io import read_rows, write_jsonl
-
-    if os.path.exists(path):
-        rows = read_rows(path, fields)
-    else:
-        rows = build()
-        if not rows:
-            raise SystemExit(f"no SFT data: {path} is missing and no training task gave examples")
-        if env_rank() == 0:
-            write_jsonl(rows, path)
-            log.info("built %d SFT examples -> %s", len(rows), path)
-    return rows[:max_rows] if max_rows else rows
 
 
 def run_sft(C, encode_examples, desc):

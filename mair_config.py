@@ -251,6 +251,14 @@ def queries_path(task, root=None):
     return os.path.join(_root(root), "MAIR-Queries", task, "queries.jsonl")
 
 
+def split_docs_path(path):
+    """(root, task) of a `<root>/MAIR-Docs/<task>/docs.jsonl` path; None for a path outside that layout."""
+    path = Path(path)
+    if path.name != "docs.jsonl" or path.parent.parent.name != "MAIR-Docs":
+        return None
+    return str(path.parent.parent.parent), path.parent.name
+
+
 def corpus_docs_path(corpus, root=None):
     """The docs file of a corpus: that of its first task."""
     return docs_path(tasks_of_corpus(corpus)[0], root)

@@ -6,7 +6,8 @@ Conventions:
   (share of queries whose top document is relevant), nDCG@1 (what the original code logged as its
   "Acc@1"; smaller than P@1 on graded labels), nDCG@10 (linear gain, trec_eval `ndcg_cut`),
   R@100 and MAP. Values are fractions in 0-1; tables print them x100 with one decimal.
-- Every query of the qrels counts: one missing from the run (or with no relevant label) scores 0.
+- Every query of the qrels counts: one missing from the run (or with no relevant label, unless
+  dropped: see qrels_from_queries) scores 0.
 - Runs carry strictly decreasing scores (1/rank), so no tool has to break ties.
 """
 import logging
@@ -17,7 +18,7 @@ import numpy as np
 from ir_measures import AP, P, R, nDCG
 
 import mair_config
-from file_io import DataError, atomic_open
+from file_io import DataError, atomic_open, iter_lines
 
 log = logging.getLogger("metrics")
 
@@ -32,13 +33,15 @@ MISSING = "–"                 # table cell of a missing result
 
 # ----------------------------------------------------------------------------- qrels, runs, metrics
 
-def qrels_from_queries(queries, doc_ids=None, source=None):
+def qrels_from_queries(queries, doc_ids=None, source=None, lines=None, drop_no_relevant=False):
     """Qrels {qid: {doc_id: int score}} from MAIR query rows, and a report of data problems.
 
     Labels with score <= 0 stay as judged non-relevant (as in trec_eval). If `doc_ids` (the corpus
     ids) is given, labels naming documents missing from the corpus are counted and logged; they
     stay in the qrels, so such queries count against recall and the report says how many.
-    Queries with empty text or no relevant label are kept and counted too.
+    Queries with empty text or no relevant label are kept and counted too; with `drop_no_relevant`
+    (the BEIR convention) the latter leave the qrels, so no average counts them. `lines` (the physical
+    line of each row in `source`) lets errors name the line rather than the row number.
     """
     source = source or "queries"
     known = set(doc_ids) if doc_ids is not None else None
@@ -46,14 +49,18 @@ def qrels_from_queries(queries, doc_ids=None, source=None):
     report = {"source": source, "queries": 0, "labels": 0, "empty_query": 0, "no_relevant": 0,
               "unknown_labels": 0, "all_labels_unknown": 0, "unknown_examples": unknown_examples}
     for i, row in enumerate(queries):
+        where = f"{source}:{lines[i]}" if lines else f"{source}: query row {i}"
         if "qid" not in row or "labels" not in row:
-            raise DataError(f"{source}: query row {i}: missing field 'qid' or 'labels'")
+            raise DataError(f"{where}: missing field 'qid' or 'labels'")
         qid = str(row["qid"])
         if qid in qrels:
-            raise DataError(f"{source}: duplicate qid '{qid}'")
+            raise DataError(f"{where}: duplicate qid '{qid}'")
         rels = {}
         for label in row["labels"]:
-            doc, score = str(label["id"]), int(label["score"])
+            try:
+                doc, score = str(label["id"]), int(label["score"])
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{where}: label {label!r} needs an 'id' and an integer 'score'") from None
             rels[doc] = max(score, rels.get(doc, score))
         qrels[qid] = rels
         report["queries"] += 1
@@ -73,8 +80,27 @@ def qrels_from_queries(queries, doc_ids=None, source=None):
     if report["empty_query"]:
         log.warning("%s: %d queries have empty text", source, report["empty_query"])
     if report["no_relevant"]:
-        log.warning("%s: %d queries have no relevant label; they score 0", source, report["no_relevant"])
+        log.warning("%s: %d queries have no relevant label; %s", source, report["no_relevant"],
+                    "left out of the qrels" if drop_no_relevant else "they score 0")
+    if drop_no_relevant:
+        qrels = {qid: rels for qid, rels in qrels.items() if any(s > 0 for s in rels.values())}
+    report["no_relevant_dropped"] = report["no_relevant"] if drop_no_relevant else 0
     return qrels, report
+
+
+def qrels_notes(task, report):
+    """Notes for a results table on the data problems of a task's qrels report."""
+    notes = []
+    if report.get("empty_query"):
+        notes.append(f"{task}: {report['empty_query']} empty queries (scored 0)")
+    if report.get("unknown_labels"):
+        notes.append(f"{task}: {report['unknown_labels']} labels point to documents missing from the corpus "
+                     f"(e.g. {', '.join(report.get('unknown_examples', [])[:3])})")
+    if report.get("no_relevant"):
+        fate = ("left out of the qrels, so no average counts them" if report.get("no_relevant_dropped")
+                else "each scores 0 in every average")
+        notes.append(f"{task}: {report['no_relevant']} queries have no relevant label (every label scores 0): {fate}")
+    return notes
 
 
 def run_from_rankings(rankings):
@@ -124,16 +150,12 @@ def write_trec_run(run, path, tag):
 def read_trec_run(path):
     """A TREC run file -> {qid: {doc_id: score}}; a malformed line raises DataError naming path:line."""
     run = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            try:
-                qid, _q0, doc, _rank, score, _tag = parts
-                run.setdefault(qid, {})[doc] = float(score)
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: expected 'qid Q0 doc rank score tag'") from None
+    for lineno, line in iter_lines(path):
+        try:
+            qid, _q0, doc, _rank, score, _tag = line.split()
+            run.setdefault(qid, {})[doc] = float(score)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: expected 'qid Q0 doc rank score tag'") from None
     return run
 
 
@@ -151,13 +173,27 @@ def _md_row(cells):
     return "| " + " | ".join(cells) + " |"
 
 
-def results_table(results, task_domain, beir_tasks=(), metric="Acc@1", methods=None):
+def depth_notes(metric, limits, tasks):
+    """Sentences on the ranking lengths below `metric`'s cut-off; `limits`: (what, depth, its tasks)
+    triples, e.g. ("ZeroGR decoded at most K=10 DocIDs per query", 10, ["SciFact"])."""
+    measure = MEASURES.get(metric)
+    cutoff = measure.params.get("cutoff") if measure is not None else None
+    notes = []
+    for what, depth, on in limits:
+        if cutoff and depth < cutoff and set(on) & set(tasks):
+            where = "" if set(tasks) <= set(on) else f" on {', '.join(t for t in tasks if t in on)}"
+            notes.append(f"{metric} counts up to {cutoff} ranks, but {what}{where}.")
+    return notes
+
+
+def results_table(results, task_domain, beir_tasks=(), metric="Acc@1", methods=None, limits=()):
     """Markdown table of `metric` x100: one row per method, one column per task, then per-domain
     averages, "MAIR avg" (mean of the domain averages of the non-BEIR tasks) and "BEIR avg"
     (nDCG@10 over the `beir_tasks` present).
 
     `results`: {task: {method: aggregate dict}}; `task_domain`: {task: domain} (for non-BEIR tasks).
-    An average over a task a method lacks is left empty.
+    An average over a task a method lacks is left empty. `limits`: ranking-length limits, noted
+    under the table where below the metric's cut-off (see depth_notes).
     """
     beir_set = set(beir_tasks)
     beir = [t for t in results if t in beir_set]
@@ -188,12 +224,13 @@ def results_table(results, task_domain, beir_tasks=(), metric="Acc@1", methods=N
             "averages, as the paper's main table averages per domain first (not a mean over tasks).")
     if beir:
         note += f" BEIR avg: mean {BEIR_METRIC} over {', '.join(beir)}."
-    return "\n".join(lines) + f"\n\n{note} {MISSING}: missing result.\n"
+    depth = "".join(f"\n{n}\n" for n in depth_notes(metric, limits, tasks))
+    return "\n".join(lines) + f"\n\n{note} {MISSING}: missing result.\n{depth}"
 
 
-def results_tables(results, task_domain, beir_tasks=(), metrics=TABLE_METRICS, methods=None):
+def results_tables(results, task_domain, beir_tasks=(), metrics=TABLE_METRICS, methods=None, limits=()):
     """One `results_table` per metric under a `## <metric>` heading (Acc@1, nDCG@10, R@100 by default)."""
-    return "\n".join(f"## {metric}\n\n{results_table(results, task_domain, beir_tasks, metric, methods)}"
+    return "\n".join(f"## {metric}\n\n{results_table(results, task_domain, beir_tasks, metric, methods, limits)}"
                      for metric in metrics)
 
 

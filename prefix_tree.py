@@ -30,6 +30,8 @@ from itertools import chain
 
 import numpy as np
 
+from file_io import umask_mode
+
 log = logging.getLogger("prefix_tree")
 
 MAX_DOCID_TOKENS = 32   # DocID tokens kept before the end token; longer DocIDs are cut (and counted)
@@ -239,6 +241,7 @@ class PrefixTree:
         self.key_base = int(meta["key_base"])
         self.max_depth = int(meta["max_depth"])
         self.stats = dict(meta.get("stats", {}))
+        self.source = meta.get("source")  # a fingerprint of the build input, set by the caller
 
     # ----- building -----
 
@@ -396,17 +399,18 @@ class PrefixTree:
     # ----- storage -----
 
     def save(self, path):
-        """Write one .npy file per array and meta.json into directory `path` (replaced whole)."""
+        """Write each array as .npy and meta.json (with `self.source`) to a temporary directory renamed
+        to `path` once complete: a killed save never looks complete."""
         path = os.path.abspath(path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
         try:
+            os.chmod(tmp, umask_mode(directory=True))  # mkdtemp makes it 0700
             for name in ARRAYS:
                 np.save(os.path.join(tmp, name + ".npy"), getattr(self, name))
-            meta = {"format": FORMAT_VERSION, "end_id": self.end_id, "key_base": self.key_base,
-                    "max_depth": self.max_depth, "stats": self.stats}
             with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2)
+                json.dump({"format": FORMAT_VERSION, "end_id": self.end_id, "key_base": self.key_base,
+                           "max_depth": self.max_depth, "stats": self.stats, "source": self.source}, f, indent=2)
             if os.path.exists(path):
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -416,10 +420,31 @@ class PrefixTree:
 
     @classmethod
     def load(cls, path, mmap=True):
-        """Load a saved tree; with mmap the arrays are read-only memory maps shared between processes."""
-        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") not in (1, FORMAT_VERSION):
-            raise ValueError(f"{path}: prefix tree format {meta.get('format')}, expected {FORMAT_VERSION}")
-        arrays = {name: np.load(os.path.join(path, name + ".npy"), mmap_mode="r" if mmap else None) for name in ARRAYS}
-        return cls(arrays, meta)
+        """Load a saved tree (with mmap: read-only memory maps shared between processes); a missing,
+        unreadable or inconsistent file raises TrieCacheError naming it."""
+        try:
+            arrays = {}
+            for name in ARRAYS:
+                file = os.path.join(path, name + ".npy")
+                arrays[name] = a = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+                size = _SAVED_LENGTH[name](arrays) if name in _SAVED_LENGTH else len(a)
+                if a.ndim != 1 or a.dtype.kind not in "iu" or len(a) != size:
+                    raise ValueError(f"{a.dtype} array of shape {a.shape}, expected {size} integers")
+            file = os.path.join(path, "meta.json")
+            with open(file, encoding="utf-8") as f:
+                meta = json.load(f)
+            if meta.get("format") not in (1, FORMAT_VERSION):
+                raise ValueError(f"format {meta.get('format')}, expected {FORMAT_VERSION}")
+            return cls(arrays, meta)
+        except (OSError, ValueError, EOFError, KeyError, TypeError, IndexError) as e:
+            raise TrieCacheError(f"{file}: unreadable prefix tree cache ({type(e).__name__}: {e})") from e
+
+
+class TrieCacheError(ValueError):
+    """A saved prefix tree that cannot be loaded; the message names the file."""
+
+
+# Length of a saved array given the arrays before it in ARRAYS: a truncated or mixed-up file breaks it.
+_SAVED_LENGTH = {"child_ptr": lambda a: len(a["edge_key"]) + 1, "leaf_count": lambda a: len(a["edge_key"]),
+                 "leaf_doc_ptr": lambda a: len(a["leaf_node"]) + 1, "doc_id_bytes": lambda a: int(a["doc_id_ptr"][-1]),
+                 "doc_id_ptr": lambda a: int(a["leaf_doc_ptr"][-1]) + 1}

@@ -7,6 +7,7 @@ Training data: SFT_DATA, JSONL `{"instruction", "input", "output"}` (instruction
 input = document, output = DocID). Built when missing from the documents of TRAIN_TASKS, with
 targets from TEACHER_FILE (JSONL `{"id", "gist"}`, optionally `"task"`; the paper used GPT-4o)
 where it has the document, else from the built-in extractive teacher that follows the same rules.
+Rows with an empty input or output are skipped with a warning (none left is an error).
 """
 import logging
 import os
@@ -16,7 +17,7 @@ import lm
 import mair_config
 from config import env_rank, parse_args, setup_logging
 from docids import ExtractiveTeacher, normalize_docid
-from file_io import read_rows
+from file_io import read_or_build_rows, read_rows
 from prompts import DOCID_RULES, docid_prompt
 from shards import read_docs
 
@@ -60,7 +61,7 @@ def load_teacher(path):
 def build_sft_data(tasks, root, teacher_file=None):
     """{"instruction", "input", "output"} rows for every document of the training tasks."""
     teacher = load_teacher(teacher_file) if teacher_file else {}
-    rows, from_file = [], 0
+    rows, from_file, no_target = [], 0, 0
     for corpus in mair_config.corpora_of(tasks):
         path = mair_config.corpus_docs_path(corpus, root)
         if not os.path.exists(path):
@@ -69,16 +70,17 @@ def build_sft_data(tasks, root, teacher_file=None):
         docs = read_docs(path)
         extractive = ExtractiveTeacher([d["doc"] for d in docs])
         for d in docs:
-            target = teacher.get((corpus, d["id"])) or teacher.get(d["id"])
+            if not d["doc"].strip():
+                continue  # read_docs warned
+            taught = teacher.get((corpus, d["id"])) or teacher.get(d["id"])
+            target = normalize_docid(taught) if taught else extractive.docid(d["doc"])
             if target:
-                from_file += 1
-                target = normalize_docid(target)
-            else:
-                target = extractive.docid(d["doc"])
-            if target and d["doc"].strip():
                 rows.append({"instruction": DOCID_RULES, "input": d["doc"], "output": target})
-    log.info("DocID SFT data: %d examples (%d from the teacher file, %d extractive)", len(rows), from_file,
-             len(rows) - from_file)
+                from_file += bool(taught)
+            else:
+                no_target += 1
+    log.info("DocID SFT data: %d examples (%d from the teacher file, %d extractive); %d documents without "
+             "a DocID skipped", len(rows), from_file, len(rows) - from_file, no_target)
     return rows
 
 
@@ -94,9 +96,9 @@ def encode(tokenizer, rows):
 def main(argv=None):
     parse_args("sftid", C, argv=argv, description=__doc__)
     setup_logging(env_rank())
-    rows = lm.load_or_build_rows(C["SFT_DATA"], ("instruction", "input", "output"),
-                                 lambda: build_sft_data(C["TRAIN_TASKS"], C["DATA_ROOT"], C["TEACHER_FILE"]),
-                                 C["MAX_EXAMPLES"])
+    rows = read_or_build_rows(C["SFT_DATA"], ("instruction", "input", "output"),
+                              lambda: build_sft_data(C["TRAIN_TASKS"], C["DATA_ROOT"], C["TEACHER_FILE"]),
+                              nonempty=("input", "output"), max_rows=C["MAX_EXAMPLES"], save=env_rank() == 0)
     lm.run_sft(C, lambda tokenizer: encode(tokenizer, rows), desc="sftid")
     return 0
 

@@ -4,7 +4,8 @@
     accelerate launch --num_processes 8 sftqg.py            # 8 GPUs
 
 Training data: SFT_DATA, JSONL `{"instruction", "query", "doc"}`; built from the real queries of
-TRAIN_TASKS (MAIR layout) when the file is missing. The loss is on the query tokens only. Writes a
+TRAIN_TASKS (MAIR layout) when the file is missing; rows with an empty query or document are skipped
+with a warning (none left is an error). The loss is on the query tokens only. Writes a
 checkpoint per epoch to OUT_DIR/checkpoint-epoch<N> and the final model to OUT_DIR; an interrupted
 run resumes from its newest checkpoint.
 """
@@ -15,7 +16,7 @@ import sys
 import lm
 import mair_config
 from config import env_rank, parse_args, setup_logging
-from file_io import read_rows
+from file_io import is_blank, iter_rows, read_or_build_rows, warn_skipped
 from prompts import query_generation_prompt
 from shards import read_docs
 
@@ -50,7 +51,8 @@ log = logging.getLogger("sftqg")
 
 
 def build_sft_data(tasks, root):
-    """{"instruction", "query", "doc"} rows from the training tasks' real queries and their relevant documents."""
+    """{"instruction", "query", "doc"} rows from the training tasks' real queries and their relevant
+    documents; queries with empty text and labels of empty documents are skipped with a warning."""
     rows, missing = [], 0
     for task in tasks:
         mair_config.check_task(task)
@@ -59,15 +61,23 @@ def build_sft_data(tasks, root):
             log.warning("%s: missing %s or %s; task skipped", task, docs_file, queries_file)
             continue
         docs = {d["id"]: d["doc"] for d in read_docs(docs_file)}
-        for q in read_rows(queries_file, ("query", "labels")):
+        empty_query, empty_doc = [], []
+        for lineno, q in iter_rows(queries_file, ("query", "labels")):
+            if is_blank(q["query"]):
+                empty_query.append(lineno)
+                continue
             for label in q["labels"]:
                 if int(label.get("score", 1)) <= 0:
                     continue
                 doc = docs.get(str(label["id"]))
                 if doc is None:
                     missing += 1
-                    continue
-                rows.append({"instruction": q.get("instruction") or "", "query": q["query"], "doc": doc})
+                elif not doc.strip():
+                    empty_doc.append(lineno)
+                else:
+                    rows.append({"instruction": q.get("instruction") or "", "query": q["query"], "doc": doc})
+        warn_skipped(queries_file, empty_query, "row(s) with an empty query")
+        warn_skipped(queries_file, empty_doc, "label(s) of an empty document")
     if missing:
         log.warning("%d labels point to documents missing from their corpus; skipped", missing)
     return rows
@@ -86,8 +96,9 @@ def encode(tokenizer, rows):
 def main(argv=None):
     parse_args("sftqg", C, argv=argv, description=__doc__)
     setup_logging(env_rank())
-    rows = lm.load_or_build_rows(C["SFT_DATA"], ("instruction", "query", "doc"),
-                                 lambda: build_sft_data(C["TRAIN_TASKS"], C["DATA_ROOT"]), C["MAX_EXAMPLES"])
+    rows = read_or_build_rows(C["SFT_DATA"], ("instruction", "query", "doc"),
+                              lambda: build_sft_data(C["TRAIN_TASKS"], C["DATA_ROOT"]), nonempty=("query", "doc"),
+                              max_rows=C["MAX_EXAMPLES"], save=env_rank() == 0)
     lm.run_sft(C, lambda tokenizer: encode(tokenizer, rows), desc="sftqg")
     return 0
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 import devices
 import mair_config
-from file_io import DataError, add_jsonl, iter_jsonl, read_jsonl, require_fields, write_jsonl
+from file_io import DataError, add_jsonl, decode, iter_rows, read_jsonl, write_jsonl
 from prompts import GENERIC_INSTRUCTION
 
 log = logging.getLogger("shards")
@@ -65,8 +65,7 @@ def prepare_docs(tokenizer, docs, C):
 def read_docs(docs_path):
     """Documents of a docs.jsonl, validated: missing fields and duplicate ids are errors, empty texts warned."""
     docs, seen, empty = [], {}, []
-    for lineno, row in enumerate(iter_jsonl(docs_path), 1):
-        require_fields(row, ("id", "doc"), docs_path, lineno)
+    for lineno, row in iter_rows(docs_path, ("id", "doc")):
         doc_id = str(row["id"])
         if doc_id in seen:
             raise DataError(f"{docs_path}:{lineno}: duplicate document id '{doc_id}' (first on line {seen[doc_id]})")
@@ -83,20 +82,37 @@ def read_docs(docs_path):
 
 
 def task_instruction(docs_path):
-    """The task's instruction from its queries file (next to the docs in the MAIR layout), as in the
-    original: a generic one when the first and last queries' instructions differ or the file is missing."""
-    queries_path = docs_path.replace("MAIR-Docs", "MAIR-Queries").replace("docs.jsonl", "queries.jsonl")
+    """The task's instruction from its queries file (the MAIR-Queries twin of a MAIR-Docs docs path),
+    as in the original: a generic one when the first and last queries' instructions differ or are
+    empty, or when there is no queries file."""
+    where = mair_config.split_docs_path(docs_path)
+    if where is None:
+        log.warning("%s: not a MAIR-Docs/<task>/docs.jsonl path, so no queries file; using the generic "
+                    "instruction", docs_path)
+        return GENERIC_INSTRUCTION
+    queries_path = mair_config.queries_path(where[1], where[0])
     if not os.path.exists(queries_path):
         log.warning("%s: no queries file at %s; using the generic instruction", docs_path, queries_path)
         return GENERIC_INSTRUCTION
-    rows = read_jsonl(queries_path)
-    if not rows:
-        return GENERIC_INSTRUCTION
-    first, last = rows[0].get("instruction") or "", rows[-1].get("instruction") or ""
-    if first != last or not first:
-        log.info("%s: instructions differ across queries; using the generic instruction", queries_path)
-        return GENERIC_INSTRUCTION
-    return first
+    first = last = None
+    n = without = 0
+    for _, row in iter_rows(queries_path):
+        last = row.get("instruction") or ""
+        first = last if first is None else first
+        n += 1
+        without += not last
+    empty = [name for name, value in (("first", first), ("last", last)) if not value]
+    if not n:
+        reason = "no queries"
+    elif empty:
+        reason = f"the {' and '.join(empty)} quer{'ies have' if len(empty) > 1 else 'y has'} no instruction"
+    elif first != last:
+        reason = "the first and last queries' instructions differ"
+    else:
+        return first
+    log.log(logging.WARNING if without else logging.INFO, "%s: %s (%d of %d queries without an instruction); "
+            "using the generic instruction", queries_path, reason, without, n)
+    return GENERIC_INSTRUCTION
 
 
 def shard_docs(docs, pid, total_num):
@@ -111,12 +127,12 @@ def _load_partial(partial, per_doc, doc_key):
     done = {}
     if not os.path.exists(partial):
         return done
-    with open(partial, encoding="utf-8") as f:
+    with open(partial, "rb") as f:
         lines = f.readlines()
     for lineno, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+        try:  # a kill can also cut a multi-byte character of the last line
+            row = json.loads(decode(line, partial, lineno))
+        except (json.JSONDecodeError, DataError):
             if lineno == len(lines):
                 log.warning("%s: dropping a cut last line (killed run)", partial)
                 break
@@ -125,18 +141,37 @@ def _load_partial(partial, per_doc, doc_key):
     return {k: v for k, v in done.items() if len(v) == per_doc}
 
 
+def check_shard(path, docs, per_doc, doc_key):
+    """The rows of a shard file, which must hold exactly `docs`, in order, with `per_doc` rows each."""
+    rows = read_jsonl(path)
+    expected = [d["id"] for d in docs]
+    got = list(dict.fromkeys(doc_key(r) for r in rows))
+    if got != expected or len(rows) != per_doc * len(expected):
+        raise IncompleteShards(f"{path}: holds {len(got)} documents / {len(rows)} rows, expected {len(expected)} "
+                               f"documents x {per_doc}; not merged (stale or from other data? delete it to redo it)")
+    return rows
+
+
 def generate_shard(docs, out_path, generate_chunk, per_doc, doc_key, chunk_size=256, desc="shard"):
-    """Run `generate_chunk(docs) -> rows` over `docs`, resumable; write `out_path` when complete."""
+    """Run `generate_chunk(docs) -> rows` over `docs`, resumable; write `out_path` when complete.
+
+    Chunks are fixed by position (docs[k * chunk_size:(k + 1) * chunk_size]) and a resumed run keeps
+    only whole chunks, so it generates exactly the chunks an uninterrupted run would: with a backend
+    that reseeds at each call (generation.HFGenerator) the output is byte-identical. A complete
+    `out_path` already on disk is kept (checked against `docs`), never regenerated."""
+    if os.path.exists(out_path):
+        check_shard(out_path, docs, per_doc, doc_key)
+        log.info("%s: %s is complete, kept (delete it to regenerate)", desc, out_path)
+        return out_path
     partial = out_path + ".partial"
-    done = _load_partial(partial, per_doc, doc_key)
-    ids = {d["id"] for d in docs}
-    done = {k: v for k, v in done.items() if k in ids}
+    found = _load_partial(partial, per_doc, doc_key)
+    chunks = [docs[start:start + chunk_size] for start in range(0, len(docs), chunk_size)]
+    done = {d["id"]: found[d["id"]] for chunk in chunks if all(d["id"] in found for d in chunk) for d in chunk}
     write_jsonl((row for d in docs if d["id"] in done for row in done[d["id"]]), partial)
-    todo = [d for d in docs if d["id"] not in done]
+    todo = [chunk for chunk in chunks if any(d["id"] not in done for d in chunk)]
     if done:
         log.info("%s: resuming, %d of %d documents already done", desc, len(done), len(docs))
-    for start in tqdm(range(0, len(todo), chunk_size), desc=desc, dynamic_ncols=True):
-        chunk = todo[start:start + chunk_size]
+    for chunk in tqdm(todo, desc=desc, dynamic_ncols=True):
         rows = generate_chunk(chunk)
         by_doc = {}
         for row in rows:
@@ -167,15 +202,8 @@ def merge_shards(final_path, total_num, docs, per_doc, doc_key):
     if missing:
         raise IncompleteShards(f"{final_path}: {len(missing)} of {total_num} shards missing (pid "
                                f"{pid_ranges(missing)}, e.g. {paths[missing[0]]}); not merged")
-    rows = []
-    for pid, path in enumerate(paths):
-        shard = read_jsonl(path)
-        expected = [d["id"] for d in shard_docs(docs, pid, total_num)]
-        got = list(dict.fromkeys(doc_key(r) for r in shard))
-        if got != expected or len(shard) != per_doc * len(expected):
-            raise IncompleteShards(f"{path}: holds {len(got)} documents / {len(shard)} rows, expected "
-                                   f"{len(expected)} documents x {per_doc}; not merged (stale or from other data?)")
-        rows.extend(shard)
+    rows = [row for pid, path in enumerate(paths)
+            for row in check_shard(path, shard_docs(docs, pid, total_num), per_doc, doc_key)]
     write_jsonl(rows, final_path)
     log.info("merged %d shards (%d rows) -> %s", total_num, len(rows), final_path)
     return final_path
@@ -208,8 +236,10 @@ def launch(script, corpora, total_num, pids, slots, child_args, final_path, docs
     corpus as soon as its shards are done.
 
     Merged corpora and shard files already on disk are skipped, so a rerun resumes and never
-    redoes a finished shard. `child_args(corpus)` gives the shard command's flags besides -pid /
-    -total_num. Returns the corpora that did not finish.
+    redoes a finished shard. The shard processes end with the launcher (devices.start_child), and
+    write to log_dir/<script>-<corpus>-<pid>-<total_num>.log, which a rerun appends to.
+    `child_args(corpus)` gives the shard command's flags besides -pid / -total_num. Returns the
+    corpora that did not finish.
     """
     name = os.path.basename(script)[:-3]
     todo, failed = {}, set()
@@ -263,8 +293,10 @@ def launch(script, corpora, total_num, pids, slots, child_args, final_path, docs
         log_path = os.path.join(log_dir, f"{name}-{corpus}-{pid}-{total_num}.log")
         log.info("%s shard %d/%d%s -> %s", corpus, pid, total_num, "" if device is None else f" on GPU {device}",
                  log_path)
-        with open(log_path, "w") as log_file:
-            return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        with open(log_path, "a") as log_file:  # a rerun appends: the log of a killed run stays
+            log_file.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} launcher {os.getpid()}: {' '.join(cmd)}\n")
+            log_file.flush()
+            return devices.start_child(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
     started = time.time()
     bar = tqdm(total=len(jobs), desc=name, unit="shard", dynamic_ncols=True)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import bm25
 import lm
 import mair_config
-from file_io import DataError, iter_jsonl, read_json, require_fields, write_json, write_jsonl
+from file_io import DataError, decode, iter_rows, read_json, require_fields, write_json, write_jsonl
 from prompts import retrieval_prompt
 from shards import task_instruction
 
@@ -85,8 +85,7 @@ class CorpusFile:
 
     def __iter__(self):
         empty, examples, n = 0, [], 0
-        for n, row in enumerate(iter_jsonl(self.path), 1):
-            require_fields(row, ("id", "doc"), self.path, n)
+        for n, row in iter_rows(self.path, ("id", "doc")):
             text = row["doc"] if isinstance(row["doc"], str) else ""
             if not text.strip():
                 empty += 1
@@ -285,8 +284,7 @@ def _write_docids(path, table, folder):
     returns the warnings (logged)."""
     bounds, unknown = np.zeros((len(table.ids), 2), np.int64), 0
     with open(os.path.join(folder, "docids.bin"), "wb") as blob:
-        for lineno, row in enumerate(tqdm(iter_jsonl(path), desc="DocIDs", unit=" rows", dynamic_ncols=True), 1):
-            require_fields(row, ("id", "gist"), path, lineno)
+        for lineno, row in tqdm(iter_rows(path, ("id", "gist")), desc="DocIDs", unit=" rows", dynamic_ncols=True):
             doc = table.find(str(row["id"]))
             if doc < 0:
                 unknown += 1
@@ -321,8 +319,9 @@ def _scan(path, table, offsets_file, docs_file, first, base):
                 flush()
             if not line.strip():
                 continue
+            text = decode(line, path, lineno)  # before the try: DataError is a ValueError
             try:
-                row = json.loads(line.decode())
+                row = json.loads(text)
             except ValueError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e})") from None
             if not (isinstance(row, dict) and "instruction" in row and "query" in row and row.get("labels")):
@@ -390,13 +389,13 @@ class EncodedExamples(torch.utils.data.Dataset):
         return encode(self.tokenizer, data.row(i), data.docs.docids[int(data.doc[i])], self.settings)
 
 
-class RankGroups:
-    """The ranking loss's batches: every RANK_EVERY steps, BATCH_SIZE // GROUP_SIZE random groups, each
-    a document's first training query with that document and GROUP_SIZE - 1 negatives drawn from the
-    query's BM25 top NEGATIVE_DEPTH (over `index`, a BM25Index or the corpus rows; searched when the
-    group is first drawn, kept in bm25_top) minus the positive and documents without a DocID (`docids`:
-    doc id -> DocID), by a generator seeded with (SEED, group): the same ones at every draw; random
-    documents with a DocID top up a short list."""
+class RankGroups(lm.SeededBatches):
+    """The ranking loss's batches: every RANK_EVERY steps, BATCH_SIZE // GROUP_SIZE random groups (drawn by
+    `rng`, whose state the epoch checkpoints keep), each a document's first training query with that
+    document and GROUP_SIZE - 1 negatives drawn from the query's BM25 top NEGATIVE_DEPTH (over `index`, a
+    BM25Index or the corpus rows; searched when the group is first drawn, kept in bm25_top) minus the
+    positive and documents without a DocID (`docids`: doc id -> DocID), by a generator seeded with
+    (SEED, group): the same ones at every draw; random documents with a DocID top up a short list."""
 
     def __init__(self, tokenizer, index, docids, data, token_id, settings):
         self.index = index if isinstance(index, bm25.BM25Index) else bm25.BM25Index(index)
