@@ -26,6 +26,7 @@ import decoding
 import lm
 import mair_config
 import metrics
+import results
 import ranking
 import train_data
 from config import env_rank, parse_args, setup_logging
@@ -337,66 +338,6 @@ def evaluate_task(task, bm25_cache):
     return result
 
 
-# ---------------------------------------------------------------------------------------------- tables
-
-def finished_results(tasks):
-    results = {}
-    for task in tasks:
-        path = os.path.join(run_dir(), task, "metrics.json")
-        if os.path.exists(path):
-            results[task] = read_json(path)
-    return results
-
-
-def ranking_limits(results):
-    """(what, depth, tasks) of each limit on the ranking lengths of finished tasks (see metrics.depth_notes)."""
-    limits = {}
-    for task, r in results.items():
-        s = r["settings"]
-        greedy = s["DECODE_MODE"] == "greedy"
-        what = "ZeroGR decoded one DocID per query (greedy)" if greedy else \
-            f"ZeroGR decoded at most K={s['K']} DocIDs per query"
-        limits.setdefault((what, 1 if greedy else s["K"]), []).append(task)
-        limits.setdefault((f"every method returned at most MAX_RESULTS={s['MAX_RESULTS']} documents per query",
-                           s["MAX_RESULTS"]), []).append(task)
-    return [(what, depth, tasks) for (what, depth), tasks in limits.items()]
-
-
-def write_tables(tasks):
-    results = finished_results(tasks)
-    if not results:
-        log.warning("no finished task to tabulate under %s", run_dir())
-        return None
-    table = metrics.results_tables({t: r["methods"] for t, r in results.items()},
-                                   {t: r["domain"] for t, r in results.items()}, mair_config.BEIR_TASKS,
-                                   methods=list(METHODS.values()), limits=ranking_limits(results))
-    notes = [w for r in results.values() for w in r.get("warnings", [])]
-    missing = [t for t in tasks if t not in results]
-    text = f"# Results: {C['RUN']}\n\n{table}\n"
-    if missing:
-        text += f"\nNot finished: {', '.join(missing)}\n"
-    if notes:
-        text += "\n## Warnings\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    path = os.path.join(run_dir(), "results.md")
-    with atomic_open(path) as f:
-        f.write(text)
-    log_wandb_tables(results)
-    log.info("results table -> %s", path)
-    return path
-
-
-def log_wandb_tables(results):
-    run = lm.wandb_run(C["WANDB"], C["WANDB_PROJECT"], f"{C['RUN']}-results", run_dir())
-    if run is None:
-        return
-    import wandb
-    columns = ["task", "domain", "method"] + list(metrics.MEASURES)
-    rows = [[t, r["domain"], m] + [vals.get(k) for k in metrics.MEASURES]
-            for t, r in results.items() for m, vals in r["methods"].items()]
-    run.log({"results": wandb.Table(columns=columns, data=rows)})
-    run.finish()
-
-
 # ---------------------------------------------------------------------------------------------- ablation
 
 def ablation(tasks):
@@ -502,7 +443,7 @@ def main(argv=None):
     if C["STAGE"] == "ablation":
         ablation(tasks)
     elif env_rank() == 0:
-        write_tables(tasks)
+        results.write_results(run_dir(), tasks, C["RUN"], list(METHODS.values()), C["WANDB"], C["WANDB_PROJECT"])
     if env_rank() == 0 and C["STAGE"] in ("all", "train", "eval"):
         write_failures(failures)
     return 1 if failures else 0
