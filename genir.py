@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import bm25
 import decoding
@@ -299,9 +300,24 @@ def write_runs(task, runs):
         metrics.write_trec_run(metrics.run_from_rankings(rankings), os.path.join(folder, f"{name}.run"), name)
 
 
+@dataclass
+class EvalTask:
+    """What evaluating one task needs: its corpus, the queries to decode with their qrels, the
+    corpus's trained retriever and prefix tree, and the warnings met on the way."""
+    corpus: str
+    docs: list
+    gists: dict
+    warnings: list
+    queries: list
+    qrels: dict
+    report: dict
+    model: object
+    tokenizer: object
+    tree: object
+
+
 def load_task(task):
-    """(corpus, docs, DocIDs, their warnings, queries to decode, qrels, qrels report, retriever,
-    tokenizer, prefix tree) of an evaluation task."""
+    """The EvalTask of an evaluation task."""
     corpus = mair_config.corpus_of(task)
     docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
     gists, warnings = load_docids(corpus, docs)
@@ -309,26 +325,26 @@ def load_task(task):
     model, tokenizer = lm.load_model(model_dir(corpus), device=process_state().device)
     tree = load_trie(corpus, tokenizer, docs, gists)
     warnings += docid_collisions(corpus, tree)
-    return corpus, docs, gists, warnings, queries, qrels, report, model, tokenizer, tree
+    return EvalTask(corpus, docs, gists, warnings, queries, qrels, report, model, tokenizer, tree)
 
 
 def evaluate_task(task, bm25_cache):
     """Evaluate one task: BM25, ZeroGR (generation order) and ZeroGR reranked; returns its metrics."""
     started = time.time()
-    corpus, docs, gists, warnings, queries, qrels, report, model, tokenizer, tree = load_task(task)
-    warnings += metrics.qrels_notes(task, report)
-    if corpus not in bm25_cache:
-        bm25_cache[corpus] = bm25.BM25Index(docs)
-    runs = {"bm25": bm25.bm25_search(bm25_cache[corpus], queries, k=C["MAX_RESULTS"],
-                                        with_instruction=C["BM25_WITH_INSTRUCTION"])}
-    token_id = rank_token_id(tokenizer)
-    runs["zerogr"] = decode_queries(model, tokenizer, tree, queries, C["DECODE_MODE"])
+    t = load_task(task)
+    t.warnings += metrics.qrels_notes(task, t.report)
+    if t.corpus not in bm25_cache:
+        bm25_cache[t.corpus] = bm25.BM25Index(t.docs)
+    runs = {"bm25": bm25.bm25_search(bm25_cache[t.corpus], t.queries, k=C["MAX_RESULTS"],
+                                     with_instruction=C["BM25_WITH_INSTRUCTION"])}
+    runs["zerogr"] = decode_queries(t.model, t.tokenizer, t.tree, t.queries, C["DECODE_MODE"])
     if C["RERANK"]:
-        runs["zerogr-rerank"] = rerank(model, tokenizer, queries, runs["zerogr"], gists, token_id)
-    result = {"task": task, "corpus": corpus, "domain": mair_config.task_domain(task), "queries": len(qrels),
-              "decoded_queries": len(queries), "methods": {}, "qrels_report": report, "warnings": warnings}
+        runs["zerogr-rerank"] = rerank(t.model, t.tokenizer, t.queries, runs["zerogr"], t.gists,
+                                       rank_token_id(t.tokenizer))
+    result = {"task": task, "corpus": t.corpus, "domain": mair_config.task_domain(task), "queries": len(t.qrels),
+              "decoded_queries": len(t.queries), "methods": {}, "qrels_report": t.report, "warnings": t.warnings}
     for name, rankings in runs.items():
-        result["methods"][METHODS[name]], _ = metrics.evaluate(qrels, metrics.run_from_rankings(rankings))
+        result["methods"][METHODS[name]], _ = metrics.evaluate(t.qrels, metrics.run_from_rankings(rankings))
     result["seconds"] = round(time.time() - started, 1)
     result["settings"] = {k: C[k] for k in ("DECODE_MODE", "K", "SLOPE", "MIDPOINT", "T_MAX", "TOP_K", "TOP_P",
                                             "MAX_RESULTS", "SEED", "BM25_WITH_INSTRUCTION", "DROP_NO_POSITIVE")}
@@ -344,17 +360,17 @@ def ablation(tasks):
     """Every decoding mode on every query of `tasks`, with the trained retrievers; table and plots."""
     per_query = {}
     for task in tasks:
-        _, _, _, _, queries, qrels, _, model, tokenizer, tree = load_task(task)
+        t = load_task(task)
         for mode in C["ABLATION_MODES"]:
             name = "zerogr" if mode == C["DECODE_MODE"] else f"ablation-{mode}"
             path = os.path.join(run_dir(), task, f"{name}.run")
             if os.path.exists(path):  # the main run, or a mode finished by an earlier ablation run
                 run = metrics.read_trec_run(path)
             else:
-                run = metrics.run_from_rankings(decode_queries(model, tokenizer, tree, queries, mode))
+                run = metrics.run_from_rankings(decode_queries(t.model, t.tokenizer, t.tree, t.queries, mode))
                 if env_rank() == 0:
                     metrics.write_trec_run(run, path, name)
-            _, values = metrics.evaluate(qrels, run)
+            _, values = metrics.evaluate(t.qrels, run)
             for metric, by_qid in values.items():
                 per_query.setdefault(mode, {}).setdefault(metric, {}).update(
                     {f"{task}/{qid}": v for qid, v in by_qid.items()})
