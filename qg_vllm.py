@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 
+import lm
 import mair_config
 import shards
 from config import parse_args, setup_logging
@@ -52,7 +53,7 @@ log = logging.getLogger("qg_vllm")
 
 
 def query_rows(generator, tokenizer, docs, instruction, num_q):
-    prompts = [shards.chat_ids_for(tokenizer, query_generation_prompt(instruction, d["prepared"])) for d in docs]
+    prompts = [lm.chat_prompt_ids(tokenizer, query_generation_prompt(instruction, d["prepared"])) for d in docs]
     outputs = generator.generate(prompts, n=num_q, temperature=C["TEMPERATURE"], top_p=C["TOP_P"],
                                  max_tokens=C["MAX_TOKENS"], desc="queries")
     return [{"instruction": instruction, "query": query, "labels": [{"id": d["id"], "score": 1}]}
@@ -75,10 +76,12 @@ def gen(docs_path, data_name, pid, total_num, model_sufix, model_name, num_q):
     out = mair_config.shard_path(final_path(data_name, model_sufix, num_q), pid, total_num)
     log.info("%s shard %d/%d: %d documents, instruction %r -> %s", data_name, pid, total_num, len(docs),
              instruction, out)
-    generator, tokenizer = shards.load_generator(model_name, C, pid)
+    settings = shards.Generation(C["BACKEND"], C["BATCH_SIZE"], C["SEED"], C["GPU_MEMORY_UTILIZATION"],
+                                 C["DOC_WORDS"], C["DOC_TOKENS"])
+    generator, tokenizer = shards.load_generator(model_name, settings, pid)
 
     def chunk(batch):
-        return query_rows(generator, tokenizer, shards.prepare_docs(tokenizer, batch, C), instruction, num_q)
+        return query_rows(generator, tokenizer, shards.prepare_docs(tokenizer, batch, settings), instruction, num_q)
 
     return shards.generate_shard(docs, out, chunk, num_q, doc_key, C["CHUNK_DOCS"], desc=f"{data_name} {pid}")
 
@@ -95,7 +98,10 @@ def main(argv=None):
         gen(args.docs_path, args.data_name, args.pid, args.total_num, model_sufix, model_name, num_q)
         return 0
     C.update(MODEL_SUFIX=model_sufix, MODEL_NAME=model_name, NUM_Q=num_q)
-    failed = shards.launch_all(os.path.abspath(__file__), C, args, final_path, num_q, doc_key)
+    run = shards.Launch(C["TASKS"], C["TOTAL_NUM"], C["PID_START"], C["PID_END"], C["MERGE_ONLY"],
+                        C["GPU_MEMORY_UTILIZATION"], C["DATA_ROOT"], C["LOG_DIR"])
+    flags = ["-model_sufix", model_sufix, "-model_name", model_name, "-num_q", str(num_q), *args.passthrough]
+    failed = shards.launch_all(os.path.abspath(__file__), run, flags, final_path, num_q, doc_key)
     return 1 if failed else 0
 
 

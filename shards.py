@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -37,7 +38,31 @@ class IncompleteShards(RuntimeError):
     pass
 
 
-def load_generator(model_name, C, pid=0):
+@dataclass
+class Generation:
+    """How a shard process generates (from its script's constants)."""
+    backend: str                    # auto | vllm | transformers
+    batch_size: int                 # prompts per transformers generate call
+    seed: int                       # the shard's seed is seed + pid
+    gpu_memory_utilization: object  # each vLLM engine's share of GPU memory (None: vLLM's default)
+    doc_words: int                  # documents cut to their first words, then tokens
+    doc_tokens: int
+
+
+@dataclass
+class Launch:
+    """Which shards the launcher runs where (from its script's constants)."""
+    tasks: list
+    total_num: int                  # shards per corpus (0: one per visible GPU, 1 on a CPU)
+    pid_start: int                  # this node's range of shards, PID_START..PID_END (None: the last)
+    pid_end: object
+    merge_only: bool
+    gpu_memory_utilization: object
+    data_root: str
+    log_dir: str
+
+
+def load_generator(model_name, gen, pid=0):
     """(generator backend, tokenizer) for a shard process."""
     import generation
     import lm
@@ -45,21 +70,16 @@ def load_generator(model_name, C, pid=0):
     # vLLM must spawn its engine workers: a forked one cannot use CUDA once this process touched it.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     tokenizer = lm.load_tokenizer(model_name)
-    generator = generation.make_generator(model_name, backend=C["BACKEND"], batch_size=C["BATCH_SIZE"],
-                                          seed=C["SEED"] + pid, gpu_memory_utilization=C["GPU_MEMORY_UTILIZATION"])
+    generator = generation.make_generator(model_name, backend=gen.backend, batch_size=gen.batch_size,
+                                          seed=gen.seed + pid, gpu_memory_utilization=gen.gpu_memory_utilization)
     return generator, tokenizer
 
 
-def chat_ids_for(tokenizer, prompt):
+def prepare_docs(tokenizer, docs, gen):
+    """Documents cut as in the original: first `doc_words` words, then at most `doc_tokens` tokens."""
     import lm
-    return lm.chat_prompt_ids(tokenizer, prompt)
-
-
-def prepare_docs(tokenizer, docs, C):
-    """Documents cut as in the original: first DOC_WORDS words, then at most DOC_TOKENS tokens."""
-    import lm
-    return [{**d, "prepared": lm.truncate_tokens(tokenizer, lm.truncate_words(d["doc"], C["DOC_WORDS"]),
-                                                 C["DOC_TOKENS"])} for d in docs]
+    return [{**d, "prepared": lm.truncate_tokens(tokenizer, lm.truncate_words(d["doc"], gen.doc_words),
+                                                 gen.doc_tokens)} for d in docs]
 
 
 def read_docs(docs_path):
@@ -318,35 +338,35 @@ def launch(script, corpora, total_num, pids, slots, child_args, final_path, docs
     return sorted(failed)
 
 
-def launch_all(script, C, args, final_path, per_doc, doc_key):
+def launch_all(script, run, flags, final_path, per_doc, doc_key):
     """Launcher mode of a generation script: shards PID_START..PID_END of TOTAL_NUM for every corpus
-    of TASKS on the visible GPUs, merged here when this node runs them all (or MERGE_ONLY)."""
-    corpora = mair_config.corpora_of(C["TASKS"])
-    multi_node = C["PID_START"] != 0 or C["PID_END"] is not None
-    if (multi_node or C["MERGE_ONLY"]) and not C["TOTAL_NUM"]:
+    of the tasks on the visible GPUs, merged here when this node runs them all (or MERGE_ONLY).
+    `run`: a Launch; `flags`: the shard command's flags besides -pid -total_num -docs_path -data_name."""
+    corpora = mair_config.corpora_of(run.tasks)
+    multi_node = run.pid_start != 0 or run.pid_end is not None
+    if (multi_node or run.merge_only) and not run.total_num:
         raise SystemExit("PID_START / PID_END / MERGE_ONLY need an explicit TOTAL_NUM, the same on every node")
     try:
-        gpus = [] if C["MERGE_ONLY"] else devices.visible_devices()
-        per_gpu = devices.slots_per_device(C["GPU_MEMORY_UTILIZATION"])
-        total = C["TOTAL_NUM"] or len(gpus) or 1
-        pids = [] if C["MERGE_ONLY"] else node_pids(total, C["PID_START"], C["PID_END"])
+        gpus = [] if run.merge_only else devices.visible_devices()
+        per_gpu = devices.slots_per_device(run.gpu_memory_utilization)
+        total = run.total_num or len(gpus) or 1
+        pids = [] if run.merge_only else node_pids(total, run.pid_start, run.pid_end)
     except ValueError as e:
         raise SystemExit(f"{os.path.basename(script)}: {e}") from None
     slots = devices.device_slots(gpus, per_gpu, len(pids))
-    docs_path = lambda corpus: mair_config.corpus_docs_path(corpus, C["DATA_ROOT"])  # noqa: E731
+    docs_path = lambda corpus: mair_config.corpus_docs_path(corpus, run.data_root)  # noqa: E731
     missing = [c for c in corpora if not os.path.exists(docs_path(c))]
     for corpus in missing:
         log.error("%s: no documents at %s; skipped", corpus, docs_path(corpus))
     ready = [c for c in corpora if c not in missing]
 
     def child_args(corpus):
-        return ["-docs_path", docs_path(corpus), "-data_name", corpus, "-model_sufix", C["MODEL_SUFIX"],
-                "-model_name", C["MODEL_NAME"], "-num_q", str(C["NUM_Q"]), *args.passthrough]
+        return ["-docs_path", docs_path(corpus), "-data_name", corpus, *flags]
 
-    what = "merging only" if C["MERGE_ONLY"] else f"shard(s) {pid_ranges(pids)} of {total}"
+    what = "merging only" if run.merge_only else f"shard(s) {pid_ranges(pids)} of {total}"
     log.info("%s: %d corpora, %s", os.path.basename(script), len(ready), what)
     failed = missing + launch(script, ready, total, pids, slots, child_args, final_path, docs_path, per_doc, doc_key,
-                              C["LOG_DIR"], merge=C["MERGE_ONLY"] or len(pids) == total)
+                              run.log_dir, merge=run.merge_only or len(pids) == total)
     if failed:
         log.error("not finished: %s (rerun to resume)", ", ".join(failed))
     return failed

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 
+import lm
 import mair_config
 import shards
 from config import parse_args, setup_logging
@@ -26,7 +27,6 @@ from prompts import docid_prompt
 C = {
     "MODEL_NAME": "models/Llama-3.2-1B-Instruct-ID",   # the DocID generator trained by sftid.py
     "MODEL_SUFIX": "title",                            # DocID type: gist_ids/<corpus>/<MODEL_SUFIX>.jsonl
-    "NUM_Q": 1,                                        # one DocID per document
     "TASKS": mair_config.get_all_tasks(),
     "TOTAL_NUM": 0,                                    # launcher: shards per corpus (0 = one per visible GPU, 1 on CPU)
     "PID_START": 0,                                    # launcher, several nodes: this node runs shards
@@ -51,7 +51,7 @@ log = logging.getLogger("title_vllm")
 
 
 def docid_rows(generator, tokenizer, docs, teacher):
-    prompts = [shards.chat_ids_for(tokenizer, docid_prompt(d["prepared"])) for d in docs]
+    prompts = [lm.chat_prompt_ids(tokenizer, docid_prompt(d["prepared"])) for d in docs]
     outputs = generator.generate(prompts, n=1, temperature=C["TEMPERATURE"], top_p=C["TOP_P"],
                                  max_tokens=C["MAX_TOKENS"], desc="docids")
     rows, fallback = [], 0
@@ -82,10 +82,12 @@ def gen(docs_path, data_name, pid, total_num, model_sufix, model_name, num_q=1):
     out = mair_config.shard_path(final_path(data_name, model_sufix), pid, total_num)
     log.info("%s shard %d/%d: %d documents -> %s", data_name, pid, total_num, len(docs), out)
     teacher = ExtractiveTeacher([d["doc"] for d in all_docs])
-    generator, tokenizer = shards.load_generator(model_name, C, pid)
+    settings = shards.Generation(C["BACKEND"], C["BATCH_SIZE"], C["SEED"], C["GPU_MEMORY_UTILIZATION"],
+                                 C["DOC_WORDS"], C["DOC_TOKENS"])
+    generator, tokenizer = shards.load_generator(model_name, settings, pid)
 
     def chunk(batch):
-        return docid_rows(generator, tokenizer, shards.prepare_docs(tokenizer, batch, C), teacher)
+        return docid_rows(generator, tokenizer, shards.prepare_docs(tokenizer, batch, settings), teacher)
 
     return shards.generate_shard(docs, out, chunk, 1, doc_key, C["CHUNK_DOCS"], desc=f"{data_name} {pid}")
 
@@ -102,8 +104,11 @@ def main(argv=None):
             raise SystemExit("shard mode (-total_num > 0) needs -docs_path and -data_name")
         gen(args.docs_path, args.data_name, args.pid, args.total_num, model_sufix, model_name)
         return 0
-    C.update(MODEL_SUFIX=model_sufix, MODEL_NAME=model_name, NUM_Q=1)
-    failed = shards.launch_all(os.path.abspath(__file__), C, args, final_path, 1, doc_key)
+    C.update(MODEL_SUFIX=model_sufix, MODEL_NAME=model_name)
+    run = shards.Launch(C["TASKS"], C["TOTAL_NUM"], C["PID_START"], C["PID_END"], C["MERGE_ONLY"],
+                        C["GPU_MEMORY_UTILIZATION"], C["DATA_ROOT"], C["LOG_DIR"])
+    flags = ["-model_sufix", model_sufix, "-model_name", model_name, *args.passthrough]
+    failed = shards.launch_all(os.path.abspath(__file__), run, flags, final_path, 1, doc_key)
     return 1 if failed else 0
 
 

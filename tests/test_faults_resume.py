@@ -310,14 +310,12 @@ def test_launcher_rerun_reuses_finished_shards_for_the_merge(tmp_path, monkeypat
     script.write_text(COUNTING_SHARD)
     monkeypatch.setattr(devices, "machine_gpus", lambda: [])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    C = {"TASKS": ["PyDoc-Net"], "TOTAL_NUM": 2, "PID_START": 0, "PID_END": None, "MERGE_ONLY": False,
-         "GPU_MEMORY_UTILIZATION": None, "DATA_ROOT": root, "LOG_DIR": str(tmp_path / "log"),
-         "MODEL_SUFIX": "title", "MODEL_NAME": "m", "NUM_Q": 1}
+    run = shards.Launch(tasks=["PyDoc-Net"], total_num=2, pid_start=0, pid_end=None, merge_only=False,
+                        gpu_memory_utilization=None, data_root=root, log_dir=str(tmp_path / "log"))
     final = str(work / "PyDoc-Net" / "title.jsonl")
 
     def launch():
-        args = type("Args", (), {"passthrough": ["--work", str(work)]})
-        return shards.launch_all(str(script), C, args, lambda corpus: final, 1, lambda r: r["id"])
+        return shards.launch_all(str(script), run, ["--work", str(work)], lambda corpus: final, 1, lambda r: r["id"])
 
     assert launch() == [] and os.path.exists(final)
     os.remove(final)  # as a launcher killed after its shards finished, before the merge

@@ -1,5 +1,6 @@
 """The generation launcher: visible devices, device slots and waves, node ranges, merging, bad input.
 Shard processes are cheap stand-ins (a few lines of Python) run on fake device lists."""
+import dataclasses
 import json
 import logging
 import os
@@ -145,17 +146,16 @@ def launch_setup(tmp_path, monkeypatch):
     write_jsonl(docs, mc.corpus_docs_path("PyDoc-Net", root))
     script = tmp_path / "fake_shard.py"
     script.write_text(FAKE_SHARD)
-    C = {"TASKS": ["PyDoc-Net"], "TOTAL_NUM": 5, "PID_START": 0, "PID_END": None, "MERGE_ONLY": False,
-         "GPU_MEMORY_UTILIZATION": None, "DATA_ROOT": root, "LOG_DIR": str(tmp_path / "log"),
-         "MODEL_SUFIX": "title", "MODEL_NAME": "m", "NUM_Q": 1}
+    launch = shards.Launch(tasks=["PyDoc-Net"], total_num=5, pid_start=0, pid_end=None, merge_only=False,
+                           gpu_memory_utilization=None, data_root=root, log_dir=str(tmp_path / "log"))
     monkeypatch.setattr(devices, "machine_gpus", lambda: EIGHT_GPUS)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("the launcher initialised CUDA"))
 
     def run(**overrides):
         final_path = lambda corpus: os.path.join(out, corpus, "title.jsonl")  # noqa: E731
-        args = types.SimpleNamespace(passthrough=[f"--OUT={out}"])
-        return shards.launch_all(str(script), {**C, **overrides}, args, final_path, 1, lambda r: r["id"])
+        settings = dataclasses.replace(launch, **{key.lower(): value for key, value in overrides.items()})
+        return shards.launch_all(str(script), settings, [f"--OUT={out}"], final_path, 1, lambda r: r["id"])
 
     return types.SimpleNamespace(run=run, docs=docs, out=out, final=os.path.join(out, "PyDoc-Net", "title.jsonl"))
 
