@@ -82,22 +82,31 @@ def prepare_docs(tokenizer, docs, gen):
                                                  gen.doc_tokens)} for d in docs]
 
 
-def read_docs(docs_path):
-    """Documents of a docs.jsonl, validated: missing fields and duplicate ids are errors, empty texts warned."""
-    docs, seen, empty = [], {}, []
-    for lineno, row in iter_rows(docs_path, ("id", "doc")):
-        doc_id = str(row["id"])
-        if doc_id in seen:
-            raise DataError(f"{docs_path}:{lineno}: duplicate document id '{doc_id}' (first on line {seen[doc_id]})")
-        seen[doc_id] = lineno
-        text = row["doc"] if isinstance(row["doc"], str) else ""
-        if not text.strip():
-            empty.append(f"{doc_id} (line {lineno})")
-        docs.append({"id": doc_id, "doc": text})
-    if not docs:
+def iter_docs(docs_path):
+    """Stream (physical line, {"id": str, "doc": str}) over a docs.jsonl: a missing field or an empty
+    corpus is an error; documents with empty text are counted and warned about at the end."""
+    empty, examples, n = 0, [], 0
+    for n, row in iter_rows(docs_path, ("id", "doc")):
+        doc = {"id": str(row["id"]), "doc": row["doc"] if isinstance(row["doc"], str) else ""}
+        if not doc["doc"].strip():
+            empty += 1
+            examples += [f"{doc['id']} (line {n})"][:3 - len(examples)]
+        yield n, doc
+    if not n:
         raise DataError(f"{docs_path}: empty corpus")
     if empty:
-        log.warning("%s: %d document(s) with empty text, e.g. %s", docs_path, len(empty), ", ".join(empty[:3]))
+        log.warning("%s: %d document(s) with empty text, e.g. %s", docs_path, empty, ", ".join(examples))
+
+
+def read_docs(docs_path):
+    """Documents of a docs.jsonl (iter_docs), with duplicate ids an error."""
+    docs, seen = [], {}
+    for lineno, doc in iter_docs(docs_path):
+        if doc["id"] in seen:
+            raise DataError(f"{docs_path}:{lineno}: duplicate document id '{doc['id']}' (first on line "
+                            f"{seen[doc['id']]})")
+        seen[doc["id"]] = lineno
+        docs.append(doc)
     return docs
 
 

@@ -34,7 +34,7 @@ import lm
 import mair_config
 from file_io import DataError, decode, iter_rows, read_json, require_fields, write_json, write_jsonl
 from prompts import retrieval_prompt
-from shards import task_instruction
+from shards import iter_docs, task_instruction
 
 log = logging.getLogger("train_data")
 
@@ -84,17 +84,7 @@ class CorpusFile:
         self.path = path
 
     def __iter__(self):
-        empty, examples, n = 0, [], 0
-        for n, row in iter_rows(self.path, ("id", "doc")):
-            text = row["doc"] if isinstance(row["doc"], str) else ""
-            if not text.strip():
-                empty += 1
-                examples += [f"{row['id']} (line {n})"][:3 - len(examples)]
-            yield {"id": str(row["id"]), "doc": text}
-        if not n:
-            raise DataError(f"{self.path}: empty corpus")
-        if empty:
-            log.warning("%s: %d document(s) with empty text, e.g. %s", self.path, empty, ", ".join(examples))
+        return (doc for _, doc in iter_docs(self.path))
 
 
 class DocTable(Mapping):
