@@ -11,8 +11,8 @@ import genir
 import mair_config as mc
 import metrics
 import prefix_tree
-from file_io import read_json, read_jsonl, write_json, write_jsonl
-from prefix_tree import ARRAYS, PrefixTree, TrieCacheError
+from file_io import read_json, read_jsonl, write_jsonl
+from prefix_tree import PrefixTree, TrieCacheError
 from test_genir import _settings
 
 END = 99

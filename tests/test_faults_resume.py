@@ -19,6 +19,7 @@ import lm
 import mair_config as mc
 import shards
 from file_io import read_json, read_jsonl, write_jsonl
+from small_corpus import write_small_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = {"lr": 3e-3, "epochs": 3, "batch_size": 8, "warmup_steps": 2, "seed": 0}
@@ -154,18 +155,9 @@ def test_leftover_temporary_checkpoint_is_removed_and_named(tmp_path, caplog):
 
 def _genir_corpus(root, demo_root, n_docs, num_q):
     """One corpus with teacher DocIDs and, as its pseudo-queries, its documents' real queries."""
-    from docids import ExtractiveTeacher
-
     task = "PyDoc-Net"
     docs = [d for d in read_jsonl(mc.docs_path(task, demo_root)) if len(d["doc"].split()) > 20][:n_docs]
-    ids = {d["id"] for d in docs}
-    queries = [q for q in read_jsonl(mc.queries_path(task, demo_root)) if all(lab["id"] in ids for lab in q["labels"])]
-    write_jsonl(docs, mc.docs_path(task, root))
-    write_jsonl(queries, mc.queries_path(task, root))
-    teacher = ExtractiveTeacher([d["doc"] for d in docs])
-    write_jsonl([{"id": d["id"], "gist": teacher.docid(d["doc"])} for d in docs], mc.gist_path(task, root=root))
-    write_jsonl([{"instruction": q["instruction"], "query": q["query"], "labels": [lab]} for q in queries
-                 for lab in q["labels"]], mc.pseudo_queries_path(task, "QG", num_q, root))
+    write_small_corpus(root, demo_root, task, docs, num_q)
     return task
 
 

@@ -10,8 +10,8 @@ import genir
 import lm
 import mair_config as mc
 import metrics
-from docids import ExtractiveTeacher
 from file_io import read_json, read_jsonl, write_json, write_jsonl
+from small_corpus import write_small_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["PyDoc-Net", "PyCode-Dev"]
@@ -29,17 +29,7 @@ def _settings(root, tmp, tiny):
 def _make_corpus(root, demo_root):
     """Two small corpora with teacher DocIDs and, as pseudo-queries, each document's real queries."""
     for task in TASKS:
-        docs = read_jsonl(mc.docs_path(task, demo_root))[:N_DOCS]
-        ids = {d["id"] for d in docs}
-        queries = [q for q in read_jsonl(mc.queries_path(task, demo_root))
-                   if all(lab["id"] in ids for lab in q["labels"])]
-        write_jsonl(docs, mc.docs_path(task, root))
-        write_jsonl(queries, mc.queries_path(task, root))
-        teacher = ExtractiveTeacher([d["doc"] for d in docs])
-        write_jsonl([{"id": d["id"], "gist": teacher.docid(d["doc"])} for d in docs], mc.gist_path(task, root=root))
-        pseudo = [{"instruction": q["instruction"], "query": q["query"], "labels": [lab]}
-                  for q in queries for lab in q["labels"]]
-        write_jsonl(pseudo, mc.pseudo_queries_path(task, "QG", 2, root))
+        write_small_corpus(root, demo_root, task, read_jsonl(mc.docs_path(task, demo_root))[:N_DOCS])
 
 
 @pytest.fixture(scope="module")

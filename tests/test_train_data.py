@@ -14,8 +14,8 @@ import genir
 import lm
 import mair_config as mc
 import train_data
-from docids import ExtractiveTeacher
 from file_io import DataError, read_jsonl, read_rows, write_jsonl
+from small_corpus import write_small_corpus
 
 TASK = "PyDoc-Net"
 N_DOCS = 150
@@ -26,17 +26,10 @@ def _make_corpus(root, demo_root):
     """The task's first N_DOCS documents, their real queries as pseudo-queries, teacher DocIDs with a
     few documents left out, one blank and one for an unknown document; no DocAsQ file (built)."""
     docs = read_jsonl(mc.docs_path(TASK, demo_root))[:N_DOCS]
-    ids = {d["id"] for d in docs}
-    queries = [q for q in read_jsonl(mc.queries_path(TASK, demo_root)) if all(lab["id"] in ids for lab in q["labels"])]
-    write_jsonl(docs, mc.docs_path(TASK, root))
-    write_jsonl(queries, mc.queries_path(TASK, root))
-    teacher = ExtractiveTeacher([d["doc"] for d in docs])
+    teacher = write_small_corpus(root, demo_root, TASK, docs)
     gists = [{"id": d["id"], "gist": teacher.docid(d["doc"])} for d in docs[NO_DOCID:]]
     gists += [{"id": docs[NO_DOCID]["id"], "gist": "  "}, {"id": "ghost", "gist": "no such document"}]
     write_jsonl(gists, mc.gist_path(TASK, root=root))
-    pseudo = [{"instruction": q["instruction"], "query": q["query"], "labels": [lab]}
-              for q in queries for lab in q["labels"]]
-    write_jsonl(pseudo, mc.pseudo_queries_path(TASK, "QG", 2, root))
     return docs
 
 
