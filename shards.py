@@ -272,6 +272,9 @@ def launch(script, corpora, total_num, pids, slots, child_args, final_path, docs
     """
     name = os.path.basename(script)[:-3]
     todo, failed = {}, set()
+
+    def log_path(corpus, pid):
+        return os.path.join(log_dir, f"{name}-{corpus}-{pid}-{total_num}.log")
     for corpus in corpora:
         final = final_path(corpus)
         if os.path.exists(final):
@@ -319,10 +322,9 @@ def launch(script, corpora, total_num, pids, slots, child_args, final_path, docs
         else:
             env[devices.ENV] = device
         cmd = [sys.executable, script, "-pid", str(pid), "-total_num", str(total_num), *child_args(corpus)]
-        log_path = os.path.join(log_dir, f"{name}-{corpus}-{pid}-{total_num}.log")
         log.info("%s shard %d/%d%s -> %s", corpus, pid, total_num, "" if device is None else f" on GPU {device}",
-                 log_path)
-        with open(log_path, "a") as log_file:  # a rerun appends: the log of a killed run stays
+                 log_path(corpus, pid))
+        with open(log_path(corpus, pid), "a") as log_file:  # a rerun appends: the log of a killed run stays
             log_file.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} launcher {os.getpid()}: {' '.join(cmd)}\n")
             log_file.flush()
             return devices.start_child(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -335,8 +337,7 @@ def launch(script, corpora, total_num, pids, slots, child_args, final_path, docs
         bar.update()
         left[corpus] -= 1
         if code != 0:
-            log.error("%s shard %d failed (exit %d), see %s", corpus, pid, code,
-                      os.path.join(log_dir, f"{name}-{corpus}-{pid}-{total_num}.log"))
+            log.error("%s shard %d failed (exit %d), see %s", corpus, pid, code, log_path(corpus, pid))
             failed.add(corpus)
         elif left[corpus] == 0 and corpus not in failed:
             log.info("%s: shards done after %.0f s", corpus, time.time() - started)
