@@ -43,6 +43,16 @@ def umask_mode(directory=False):
     return (0o777 if directory else 0o666) & ~mask
 
 
+def apply_umask(directory):
+    """Give `directory` and the files directly in it the modes the umask gives (some writers, e.g.
+    safetensors and tempfile, make them 0600 / 0700)."""
+    os.chmod(directory, umask_mode(directory=True))
+    mode = umask_mode()
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, mode)
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="w"):
     """Open a temporary file next to `path`; on success rename it over `path`, on error delete it."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from file_io import umask_mode, write_json
+from file_io import apply_umask, write_json
 
 log = logging.getLogger("lm")
 
@@ -194,16 +194,6 @@ def training_done(out_dir):
     return os.path.exists(os.path.join(out_dir, "training_complete.json"))
 
 
-def _umask_modes(directory):
-    """Give `directory` and the files directly in it the modes the umask gives (some writers, e.g.
-    safetensors, make their files 0600)."""
-    os.chmod(directory, umask_mode(directory=True))
-    mode = umask_mode()
-    for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False):
-            os.chmod(entry.path, mode)
-
-
 def _save_dir_atomically(out_dir, name, save_fn):
     """Write a directory with `save_fn(tmp_dir)`, then rename it into place."""
     final = os.path.join(out_dir, name)
@@ -211,7 +201,7 @@ def _save_dir_atomically(out_dir, name, save_fn):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_fn(tmp)
-    _umask_modes(tmp)
+    apply_umask(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -387,7 +377,7 @@ def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_b
         unwrapped = accelerator.unwrap_model(module).lm
         unwrapped.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-        _umask_modes(out_dir)
+        apply_umask(out_dir)
         write_json(summary, os.path.join(out_dir, "training_complete.json"))  # written last: marks the model done
         if run:
             import wandb

