@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessor
 
 from device_trie import DeviceTrie, Removals, _live_candidates, _RootCandidates
+from lm import pad_rows
 
 log = logging.getLogger("decoding")
 
@@ -216,12 +217,7 @@ class PromptBatch:
         lengths = torch.tensor([len(p) for p in prompts])
         if int(lengths.min()) == 0:
             raise ValueError("empty prompt")
-        width = int(lengths.max())
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)  # the pad value is masked out
-        mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.as_tensor(prompt)
-            mask[row, width - len(prompt):] = 1
+        ids, mask = pad_rows(prompts, 0, left=True)  # the pad value is masked out
         ids, mask = ids.to(device), mask.to(device)
         self.cache = DynamicCache(config=model.config)
         logits = self._forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0))

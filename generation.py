@@ -38,12 +38,8 @@ class HFGenerator:
         device = self.model.device
         for start in tqdm(range(0, len(order), self.batch_size), desc=desc, dynamic_ncols=True):
             idx = order[start:start + self.batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]):] = 1
+            ids, mask = lm.pad_rows([prompts[i] for i in idx], pad, left=True)
+            width = ids.shape[1]
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                       generation_config=config)
             texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

@@ -115,17 +115,23 @@ def encode_example(tokenizer, prompt, answer, max_len):
     return {"input_ids": full, "labels": labels}
 
 
+def pad_rows(rows, value, left=False):
+    """(ids, mask): token lists padded with `value` into one long tensor, on the right (or the
+    left), and the attention mask of the real tokens."""
+    width = max([len(r) for r in rows] + [1])
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def collate(examples, pad_id):
     """Right-padded batch of encoded examples."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
+    ids, mask = pad_rows([e["input_ids"] for e in examples], pad_id)
+    labels, _ = pad_rows([e["labels"] for e in examples], IGNORE_INDEX)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

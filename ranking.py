@@ -60,10 +60,8 @@ def rerank(model, tokenizer, prompts, candidates, gists, token_id, batch_size, p
         rows = [answers.setdefault(d, answer_ids(tokenizer, gists[d])) if j < len(c) else []
                 for c in cands for j, d in enumerate(c + [None] * (m - len(c)))]
         lengths = torch.tensor([len(r) for r in rows], device=model.device)
-        steps = int(lengths.max())
-        tokens = torch.zeros(len(rows), steps, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        tokens, _ = lm.pad_rows(rows, 0)
+        steps = tokens.shape[1]
         batch = decoding.PromptBatch(model, prompts[start:start + per_chunk], repeats=m)
         offsets = torch.arange(steps, device=model.device)
         mask = torch.cat([batch.mask, (offsets < lengths[:, None]).long()], 1)
