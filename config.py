@@ -12,6 +12,7 @@ default of None takes any value. A mismatch stops the script before anything is 
 """
 import argparse
 import ast
+import dataclasses
 import json
 import logging
 import os
@@ -126,6 +127,21 @@ def _apply(constants, overrides, source, defaults, text=False):
             raise SystemExit(f"{source}: unknown setting '{key}'; known: {', '.join(sorted(constants))}")
         constants[name] = coerce(name, value, defaults[name], source, text)
         log.debug("%s: %s = %r", source, name, value)
+
+
+def declared(cls, constants, **values):
+    """A settings dataclass `cls` from a script's constants: each field from the constant of the same
+    name in upper case, unless given in `values`. A field with no such constant is a programming
+    error, named."""
+    fields = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            fields[f.name] = values[f.name]
+        elif f.name.upper() in constants:
+            fields[f.name] = constants[f.name.upper()]
+        else:
+            raise KeyError(f"{cls.__name__}.{f.name}: no constant {f.name.upper()} and no value given")
+    return cls(**fields)
 
 
 def setup_logging(rank=0):

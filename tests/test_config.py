@@ -1,9 +1,11 @@
 """Typed overrides (config.py): a value must parse to its default's type, before anything runs."""
+import dataclasses
 import importlib
 import os
 
 import pytest
 
+import config
 from config import coerce, parse_args
 from file_io import write_json
 
@@ -70,3 +72,16 @@ def test_help_lists_the_settings_with_defaults(capsys):
         parse_args("genir", {"EPOCHS": 5, "TASKS": ["A"]}, argv=["--help"])
     out = capsys.readouterr().out
     assert "--EPOCHS=5" in out and '--TASKS=["A"]' in out
+
+
+def test_declared_settings_come_from_the_constants_by_name():
+    @dataclasses.dataclass
+    class Settings:
+        lr: float
+        epochs: int
+        seed: int
+
+    s = config.declared(Settings, {"LR": 0.5, "EPOCHS": 3, "OTHER": 1}, seed=7)
+    assert (s.lr, s.epochs, s.seed) == (0.5, 3, 7)
+    with pytest.raises(KeyError, match="Settings.seed: no constant SEED"):
+        config.declared(Settings, {"LR": 0.5, "EPOCHS": 3})
