@@ -8,11 +8,11 @@ from the prompt's KV cache instead of re-encoding it; each row carries its own t
 removal state, and rows advance independently, so a short DocID never waits for a long one.
 For greedy settings the result equals one `generate` call per DocID and query.
 
-    results = decode(model, tree, prompts)           # prompts: chat-encoded token-id lists
-    results[q].ranking                                # [(doc_id, 1/rank)], at most MAX_RESULTS
+    results = decode(model, tree, prompts, settings)  # prompts: chat-encoded token-id lists
+    results[q].ranking                                # [(doc_id, 1/rank)], at most settings.max_results
     results[q].leaves                                 # decoded leaves, in order
 
-Modes (the decoding ablation): greedy, iterative_greedy, nucleus, reverse_annealed (default), beam.
+Modes (the decoding ablation): greedy, iterative_greedy, nucleus, reverse_annealed, beam.
 `TrieLogitsProcessor` applies the same constraint inside transformers `generate`.
 """
 import inspect
@@ -30,18 +30,6 @@ from lm import pad_rows
 
 log = logging.getLogger("decoding")
 
-# Reverse-annealed schedule: defaults of the original code.
-K_DOCIDS = 100        # DocIDs decoded per query
-SLOPE = 10.0          # k: slope of the sigmoid
-MIDPOINT = 0.1        # m: its midpoint, as a fraction of K
-T_MAX = 1.5           # temperature reached at i = K
-# Sampling filters of the original code (Llama-3.2-Instruct generation config and transformers' top-k).
-TOP_K = 50
-TOP_P = 0.9
-NUCLEUS_TEMPERATURE = 1.0
-MAX_RESULTS = 100     # documents per query in the ranking
-BATCH_SIZE = 32       # queries decoded together (beam search: times num_beams rows)
-BEAM_TOKEN_BUDGET = 1 << 17  # beam search: queries x beams x longest prompt per batch (~14 GiB of bf16 KV at 3B)
 COLUMN_BUDGET = 32    # generated cache columns before the cache is cropped back to the prompts
 MODES = ("greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam")
 
@@ -80,16 +68,39 @@ def query_seed(seed, key):
     return zlib.crc32(f"{seed}:{key}".encode()) | (int(seed) << 32)
 
 
-def annealed_temperature(i, K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX):
+def annealed_temperature(i, K, k, m, t_max):
     """t_i = T_max * (s(k(i/K - m)) - s(-km)) / (s(k(1 - m)) - s(-km)), s the logistic sigmoid."""
     def s(z):
         return 1.0 / (1.0 + np.exp(-z))
     return t_max * (s(k * (np.asarray(i, dtype=np.float64) / K - m)) - s(-k * m)) / (s(k * (1 - m)) - s(-k * m))
 
 
-def reverse_annealed_temperatures(K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX):
+def reverse_annealed_temperatures(K, k, m, t_max):
     """Temperatures t_0 .. t_{K-1} (t_0 = 0, rising towards t_max)."""
     return annealed_temperature(np.arange(K), K, k, m, t_max)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How `decode` decodes (DESIGN.md 6); genir builds it from its constants."""
+    mode: str                      # one of MODES
+    K: int                         # DocIDs per query
+    slope: float                   # k of the reverse-annealed schedule
+    midpoint: float                # m: its midpoint, as a fraction of K
+    t_max: float                   # temperature reached at i = K
+    top_k: int                     # sampled draws: 0 = off
+    top_p: float                   # sampled draws: 1 = off
+    nucleus_temperature: float     # the temperature of every draw in nucleus mode
+    num_beams: int | None          # beam mode; None: K beams
+    beam_token_budget: int | None  # beam mode: queries x beams x longest prompt per batch; None: no limit
+    draws_per_round: int           # > 1: rows per query drawing side by side (faster, approximate)
+    max_results: int               # documents per query in the ranking
+    batch_size: int                # queries decoded together (beam mode: times num_beams rows)
+    seed: int                      # with each query's key, seeds its sampling
+
+    def schedule(self):
+        """The reverse-annealed temperatures t_0 .. t_{K-1}."""
+        return reverse_annealed_temperatures(self.K, self.slope, self.midpoint, self.t_max)
 
 
 class RowWarper:
@@ -269,9 +280,9 @@ class Retrieval:
     ranking: list = field(default_factory=list)  # [(doc_id, score)], strictly decreasing scores
 
 
-def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, seeds):
-    """Leaves decoded per query: its i-th DocID drawn at temperatures[i] and removed from that
-    query's tree before the next one (`draws` rows per query draw side by side when > 1).
+class _Draws:
+    """Sampled decoding of a batch: `run` returns each query's leaves, its i-th DocID drawn at
+    temperatures[i] and removed from its tree before the next one (`draws` rows per query side by side).
 
     Rows advance independently: a row that completes a DocID masks its cache columns and starts
     its next draw at once from the cached prompt logits, so no row waits for the longest DocID in
@@ -282,90 +293,107 @@ def _sample_draws(model, trie, prompts, temperatures, top_k, top_p, draws, seeds
     query's seed, the draw index, the depth and the token (`counter_uniform`), so a query's
     DocIDs do not depend on the batch or the process it is decoded in.
     """
-    n_queries, n_draws = len(prompts), len(temperatures)
-    device = trie.device
-    batch = PromptBatch(model, prompts, repeats=draws)
-    removals = Removals(trie, n_queries)
-    row_query = torch.arange(n_queries, device=device).repeat_interleave(draws)
-    seeds = torch.as_tensor(seeds, dtype=torch.long, device=device)
-    slot = torch.arange(draws, device=device).repeat(n_queries)
-    rows = torch.arange(n_queries * draws, device=device)
-    temperatures = torch.as_tensor(temperatures, dtype=torch.float32, device=device)
-    roots = _RootCandidates(trie, batch.first_logits, top_k + n_draws if top_k else None)
-    found = torch.full((n_queries, n_draws), -1, dtype=torch.long, device=device)
-    found_draw = torch.full((n_queries, n_draws), torch.iinfo(torch.long).max, device=device)
-    n_found = torch.zeros(n_queries, dtype=torch.long, device=device)
-    nodes = torch.zeros_like(rows)   # the root: about to start a draw
-    depth = torch.zeros_like(rows)   # tokens of the current DocID in the cache
-    tokens = torch.zeros_like(rows)  # last token drawn, fed by the next forward pass
-    row_draw = slot.clone()          # index of each row's current draw among its query's draws
-    next_draw = torch.full_like(n_found, draws)
-    logits = batch.first_logits
-    draining = False
 
-    def may_start():
-        return (n_found[row_query] < n_draws) & ~removals.exhausted[row_query] & (not draining)
+    def __init__(self, model, trie, prompts, temperatures, top_k, top_p, draws, seeds):
+        n_queries, n_draws, device = len(prompts), len(temperatures), trie.device
+        self.trie, self.top_k, self.top_p, self.draws, self.n_draws = trie, top_k, top_p, draws, n_draws
+        self.batch = PromptBatch(model, prompts, repeats=draws)
+        self.removals = Removals(trie, n_queries)
+        self.row_query = torch.arange(n_queries, device=device).repeat_interleave(draws)
+        self.seeds = torch.as_tensor(seeds, dtype=torch.long, device=device)
+        self.temperatures = torch.as_tensor(temperatures, dtype=torch.float32, device=device)
+        self.roots = _RootCandidates(trie, self.batch.first_logits, top_k + n_draws if top_k else None)
+        self.found = torch.full((n_queries, n_draws), -1, dtype=torch.long, device=device)
+        self.found_draw = torch.full((n_queries, n_draws), torch.iinfo(torch.long).max, device=device)
+        self.n_found = torch.zeros(n_queries, dtype=torch.long, device=device)
+        self.nodes = torch.zeros(n_queries * draws, dtype=torch.long, device=device)  # 0: the root, to start a draw
+        self.depth = torch.zeros_like(self.nodes)   # tokens of the row's current DocID in the cache
+        self.tokens = torch.zeros_like(self.nodes)  # last token drawn, fed by the next forward pass
+        self.row_draw = torch.arange(draws, device=device).repeat(n_queries)  # index of the row's current draw
+        self.next_draw = torch.full_like(self.n_found, draws)
+        self.draining = False
 
-    while True:
-        todo = (nodes > 0) | ((nodes == 0) & may_start())  # rows with fresh logits
-        fed = torch.zeros_like(todo)
-        while bool(todo.any()):
-            idx = torch.nonzero(todo).squeeze(1)
-            q = row_query[idx]
-            warper = RowWarper(temperatures[row_draw[idx].clamp(max=n_draws - 1)], top_k, top_p, device)
-            values, children = _live_candidates(trie, removals, roots, logits, idx, q, nodes[idx], warper.k_max)
-            candidate_tokens = trie.token[children.clamp(min=0)]
-            uniform = counter_uniform(seeds[q][:, None], row_draw[idx][:, None], depth[idx][:, None],
-                                      candidate_tokens)
-            pick = warper.pick(values, candidate_tokens, uniform=uniform)[:, None]
-            drawn = candidate_tokens.gather(1, pick).squeeze(1)
-            # No live child: another row of the query emptied this subtree (draws > 1).
-            lost = ~torch.isfinite(values[:, 0])
-            reached = torch.where(lost, -1, children.gather(1, pick).squeeze(1))
-            # A complete unique prefix allows only the end token: take it without a forward pass.
-            end_child = trie.end_child(reached)
-            reached = torch.where(end_child >= 0, end_child, reached)
-            done = trie.is_leaf(reached)
-            keep = done
-            if draws > 1:  # keep a leaf new to the query, once: the other rows draw again
-                unique, inverse = torch.unique(torch.where(keep, q * trie.n_nodes + reached, -1 - idx),
-                                               return_inverse=True)
-                first = torch.full_like(unique, len(rows)).scatter_reduce_(0, inverse, idx, "amin")
-                keep &= first[inverse] == idx
-            elif bool(lost.any()):
-                raise RuntimeError("constrained decoding left the prefix tree (inconsistent tree or removals)")
-            # Rows are grouped by query, so a running count gives each kept leaf its rank.
-            kept = torch.zeros_like(todo).index_fill_(0, idx[keep], True)
-            position = (n_found[row_query] + kept.view(n_queries, draws).cumsum(1).view(-1) - 1)[idx]
-            keep &= position < n_draws
-            found[q[keep], position[keep]] = reached[keep]
-            found_draw[q[keep], position[keep]] = row_draw[idx[keep]]
-            n_found.index_add_(0, q[keep], torch.ones_like(q[keep]))
-            removals.add(q[keep], reached[keep])
-            restart = done | lost
-            nodes[idx] = torch.where(restart, 0, reached)
-            tokens[idx] = drawn.clamp(min=0)  # a lost row feeds a masked placeholder
-            fed[idx] = ~restart
-            restarted = torch.zeros_like(todo).index_fill_(0, idx[restart], True)
-            depth.masked_fill_(restarted, 0)
-            # The next draw indices of the query; with draws > 1 a lost or repeated draw leaves a gap.
-            rank = restarted.view(n_queries, draws).cumsum(1).view(-1) - 1
-            row_draw = torch.where(restarted, next_draw[row_query] + rank, row_draw)
-            next_draw += restarted.view(n_queries, draws).sum(1)
-            batch.forget(restarted)
-            todo = restarted & may_start()
-        if bool(fed.any()):
-            logits = batch.step(tokens, depth, fed)
-            depth += fed.long()
-            draining = draining or batch.n_new >= COLUMN_BUDGET
-        elif batch.n_new:
-            batch.rewind()
-            draining = False
-        else:
-            break
-    # Rank by draw (the order of the schedule), not by the time a draw completed.
-    found = found.gather(1, found_draw.argsort(dim=1, stable=True))
-    return [trie.leaf_index(row[row >= 0]).tolist() for row in found]
+    def run(self):
+        """Draw until every query has its DocIDs or has exhausted its tree; the leaves per query."""
+        logits = self.batch.first_logits
+        while True:
+            todo = (self.nodes > 0) | ((self.nodes == 0) & self._may_start())  # rows with fresh logits
+            fed = torch.zeros_like(todo)
+            while bool(todo.any()):
+                todo = self._advance(todo, logits, fed)
+            if bool(fed.any()):
+                logits = self.batch.step(self.tokens, self.depth, fed)
+                self.depth += fed.long()
+                self.draining = self.draining or self.batch.n_new >= COLUMN_BUDGET
+            elif self.batch.n_new:
+                self.batch.rewind()
+                self.draining = False
+            else:  # rank by draw (the order of the schedule), not by the time a draw completed
+                found = self.found.gather(1, self.found_draw.argsort(dim=1, stable=True))
+                return [self.trie.leaf_index(row[row >= 0]).tolist() for row in found]
+
+    def _may_start(self):
+        """Rows that may start a draw: their query wants more DocIDs and has live leaves."""
+        q = self.row_query
+        return (self.n_found[q] < self.n_draws) & ~self.removals.exhausted[q] & (not self.draining)
+
+    def _advance(self, todo, logits, fed):
+        """One token per `todo` row; marks the rows to feed in `fed`; returns the rows that start a draw."""
+        idx = torch.nonzero(todo).squeeze(1)
+        q = self.row_query[idx]
+        drawn, reached, lost = self._draw(idx, q, logits)
+        keep = self._record_leaves(idx, q, reached, lost)
+        restart = keep | lost  # a leaf not kept (repeated, past the draws) restarts its row a step later, as lost
+        self.nodes[idx] = torch.where(restart, 0, reached)
+        self.tokens[idx] = drawn.clamp(min=0)  # a lost row feeds a masked placeholder
+        fed[idx] = ~restart
+        # The next draw indices of the query; with draws > 1 a lost or repeated draw leaves a gap.
+        restarted = torch.zeros_like(todo).index_fill_(0, idx[restart], True)
+        self.depth.masked_fill_(restarted, 0)
+        per_query = restarted.view(-1, self.draws)
+        rank = per_query.cumsum(1).view(-1) - 1
+        self.row_draw = torch.where(restarted, self.next_draw[self.row_query] + rank, self.row_draw)
+        self.next_draw += per_query.sum(1)
+        self.batch.forget(restarted)
+        return restarted & self._may_start()
+
+    def _draw(self, idx, q, logits):
+        """(token drawn, node reached, lost: no live child) of rows idx, at their draws' temperatures."""
+        trie, row_draw = self.trie, self.row_draw[idx]
+        warper = RowWarper(self.temperatures[row_draw.clamp(max=self.n_draws - 1)], self.top_k, self.top_p,
+                           trie.device)
+        values, children = _live_candidates(trie, self.removals, self.roots, logits, idx, q, self.nodes[idx],
+                                            warper.k_max)
+        tokens = trie.token[children.clamp(min=0)]
+        uniform = counter_uniform(self.seeds[q][:, None], row_draw[:, None], self.depth[idx][:, None], tokens)
+        pick = warper.pick(values, tokens, uniform=uniform)[:, None]
+        lost = ~torch.isfinite(values[:, 0])  # no live child: another row of the query emptied the subtree
+        reached = torch.where(lost, -1, children.gather(1, pick).squeeze(1))
+        # A complete unique prefix allows only the end token: take it without a forward pass.
+        end_child = trie.end_child(reached)
+        reached = torch.where(end_child >= 0, end_child, reached)
+        return tokens.gather(1, pick).squeeze(1), reached, lost
+
+    def _record_leaves(self, idx, q, reached, lost):
+        """Record the leaves rows idx reached (each once, within the query's draws); which were kept."""
+        keep = self.trie.is_leaf(reached)
+        if self.draws > 1:  # keep a leaf new to the query, once: the other rows draw again
+            unique, inverse = torch.unique(torch.where(keep, q * self.trie.n_nodes + reached, -1 - idx),
+                                           return_inverse=True)
+            first = torch.full_like(unique, len(self.nodes)).scatter_reduce_(0, inverse, idx, "amin")
+            keep &= first[inverse] == idx
+        elif bool(lost.any()):
+            raise RuntimeError("constrained decoding left the prefix tree (inconsistent tree or removals)")
+        # Rows are grouped by query, so a running count gives each kept leaf its rank.
+        kept = torch.zeros_like(self.nodes, dtype=torch.bool).index_fill_(0, idx[keep], True)
+        position = (self.n_found[self.row_query] + kept.view(-1, self.draws).cumsum(1).view(-1) - 1)[idx]
+        keep &= position < self.n_draws
+        q, leaf, position = q[keep], reached[keep], position[keep]
+        self.found[q, position] = leaf
+        self.found_draw[q, position] = self.row_draw[idx[keep]]
+        self.n_found.index_add_(0, q, torch.ones_like(q))
+        self.removals.add(q, leaf)
+        return keep
 
 
 def _beam_search(model, trie, prompts, n_leaves, num_beams):
@@ -438,59 +466,49 @@ def _ranking(tree, leaves, max_results):
     return [(doc, 1.0 / rank) for rank, doc in enumerate(docs[:max_results], 1)]
 
 
-def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m=MIDPOINT, t_max=T_MAX,
-           top_k=TOP_K, top_p=TOP_P, temperature=NUCLEUS_TEMPERATURE, num_beams=None, batch_size=BATCH_SIZE,
-           max_results=MAX_RESULTS, seed=0, draws_per_round=1, progress=True, keys=None,
-           beam_token_budget=BEAM_TOKEN_BUDGET):
-    """Decode up to K DocIDs per prompt under the prefix tree; returns one `Retrieval` per prompt.
-
-    trie: a PrefixTree (or a DeviceTrie on the model's device). prompts: token-id lists, each the
-    chat-encoded query with the assistant generation prompt. Modes: "greedy" (one DocID),
-    "iterative_greedy" (K greedy draws), "nucleus" (K draws at `temperature`), "reverse_annealed"
-    (draw i at t_i of the schedule (K, k, m, t_max)), all without replacement and with top_k /
-    top_p on sampled draws; "beam" (beam search with num_beams, default K, returning up to K leaves
-    by sequence log-prob; queries x beams x longest prompt of a batch kept within beam_token_budget,
-    None: no limit). draws_per_round > 1 lets that many rows per query draw side by side (a faster
-    approximation; 1 is exact). Each leaf expands to all its documents, cut at max_results. keys
-    (e.g. the qids) seed each query's sampling with `seed`: the same key draws the same DocIDs in
-    any batch or process (default: the prompt's position).
-    """
-    if mode not in MODES:
-        raise ValueError(f"unknown decoding mode {mode!r}; expected one of {', '.join(MODES)}")
-    if K < 1 or batch_size < 1 or draws_per_round < 1 or max_results < 1:
+def decode(model, trie, prompts, settings, keys=None, progress=True):
+    """One `Retrieval` per prompt (token ids: the chat-encoded query with the assistant generation
+    prompt): up to settings.K DocIDs under the prefix tree (a PrefixTree, or a DeviceTrie on the
+    model's device). Modes: "greedy" (one DocID), "iterative_greedy" (K greedy draws), "nucleus"
+    (at nucleus_temperature), "reverse_annealed" (draw i at t_i), all without replacement, top_k /
+    top_p on sampled draws; "beam" (up to K leaves by sequence log-prob). keys (default: positions;
+    e.g. qids) seed each query's sampling with settings.seed: a key draws the same DocIDs in any
+    batch or process. Each leaf expands to all its documents, cut at max_results."""
+    s = settings
+    if s.mode not in MODES:
+        raise ValueError(f"unknown decoding mode {s.mode!r}; expected one of {', '.join(MODES)}")
+    if s.K < 1 or s.batch_size < 1 or s.draws_per_round < 1 or s.max_results < 1:
         raise ValueError("K, batch_size, draws_per_round and max_results must be positive")
-    if not 0 < top_p <= 1 or top_k < 0 or temperature < 0:
+    if not 0 < s.top_p <= 1 or s.top_k < 0 or s.nucleus_temperature < 0:
         raise ValueError("need 0 < top_p <= 1, top_k >= 0 and temperature >= 0")
     vocab = model.get_output_embeddings().weight.shape[0]
     if not isinstance(trie, DeviceTrie):
         trie = DeviceTrie(trie, vocab, model.device)
     if trie.vocab_size != vocab or trie.device != model.device:
         raise ValueError("the DeviceTrie must match the model's vocabulary size and device")
-    if mode == "greedy":
-        K = 1
+    K = 1 if s.mode == "greedy" else s.K
     temperatures = {"greedy": np.zeros(K), "iterative_greedy": np.zeros(K),
-                    "nucleus": np.full(K, float(temperature)),
-                    "reverse_annealed": reverse_annealed_temperatures(K, k, m, t_max)}.get(mode)
+                    "nucleus": np.full(K, float(s.nucleus_temperature)), "reverse_annealed": s.schedule()}.get(s.mode)
     keys = list(range(len(prompts))) if keys is None else list(keys)
     if len(keys) != len(prompts):
         raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
-    seeds = [query_seed(seed, key) for key in keys]
+    seeds = [query_seed(s.seed, key) for key in keys]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
-    num_beams = num_beams or K
-    chunks = _query_chunks(order, prompts, batch_size, num_beams if mode == "beam" else draws_per_round,
-                           beam_token_budget if mode == "beam" else None)
+    num_beams = s.num_beams or K
+    chunks = _query_chunks(order, prompts, s.batch_size, num_beams if s.mode == "beam" else s.draws_per_round,
+                           s.beam_token_budget if s.mode == "beam" else None)
     leaves = [None] * len(prompts)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for index in tqdm(chunks, desc=f"decode ({mode})", disable=not progress):
+            for index in tqdm(chunks, desc=f"decode ({s.mode})", disable=not progress):
                 batch = [prompts[i] for i in index]
-                if mode == "beam":
+                if s.mode == "beam":
                     found = _beam_search(model, trie, batch, K, num_beams)
                 else:
-                    found = _sample_draws(model, trie, batch, temperatures, top_k, top_p, draws_per_round,
-                                          [seeds[i] for i in index])
+                    found = _Draws(model, trie, batch, temperatures, s.top_k, s.top_p, s.draws_per_round,
+                                   [seeds[i] for i in index]).run()
                 for i, query_leaves in zip(index, found):
                     leaves[i] = query_leaves
     finally:
@@ -498,4 +516,4 @@ def decode(model, trie, prompts, mode="reverse_annealed", K=K_DOCIDS, k=SLOPE, m
     short = sum(len(x) < K for x in leaves)
     if short:
         log.info("%d of %d queries exhausted the tree before %d DocIDs", short, len(prompts), K)
-    return [Retrieval(x, _ranking(trie.tree, x, max_results)) for x in leaves]
+    return [Retrieval(x, _ranking(trie.tree, x, s.max_results)) for x in leaves]

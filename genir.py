@@ -30,11 +30,11 @@ import metrics
 import results
 import ranking
 import train_data
-from config import env_rank, parse_args, setup_logging
+from config import declared, env_rank, parse_args, setup_logging
+from data import read_docs
 from file_io import DataError, atomic_open, iter_rows, read_json, read_rows, write_json
 from prefix_tree import PrefixTree, TrieCacheError
 from ranking import answer_ids, rank_scores, ranknet_loss  # noqa: F401  (part of genir's interface)
-from shards import read_docs
 
 C = {
     "BASE_MODEL": "models/Llama-3.2-3B-Instruct",   # ZeroGR-3B (the released code used the 1B model)
@@ -53,10 +53,12 @@ C = {
     # optimisation (the original code's values)
     "LR": 5e-5,
     "WARMUP_RATIO": 0.5,                            # warmup = half an epoch
+    "WARMUP_STEPS": None,                           # None: WARMUP_RATIO
     "EPOCHS": 5,
     "BATCH_SIZE": 16,                               # per device
     "GRAD_ACCUM": 1,
     "GRAD_CLIP": 1.0,
+    "WEIGHT_DECAY": 0.0,                            # AdamW weight decay; 0.0 is the current behaviour
     "KEEP_CHECKPOINTS": 0,                          # newest epoch checkpoints kept (0 = all, as released)
     "DIST_TIMEOUT": 1800,                           # seconds a rank waits for the others before the launch stops
     "MAX_LEN": 200,
@@ -80,7 +82,8 @@ C = {
     "TOP_P": 0.9,
     "NUCLEUS_TEMPERATURE": 1.0,
     "NUM_BEAMS": None,                              # beam mode: None = K beams
-    "BEAM_TOKEN_BUDGET": decoding.BEAM_TOKEN_BUDGET,  # beam mode: queries x beams x prompt tokens per batch
+    "BEAM_TOKEN_BUDGET": 1 << 17,                   # beam mode: queries x beams x longest prompt per batch
+                                                    # (~14 GiB of bf16 KV cache at 3B)
     "DRAWS_PER_ROUND": 1,                           # > 1: faster approximation of the sequential draws
     "MAX_RESULTS": 100,
     "EVAL_BATCH_SIZE": 32,
@@ -188,8 +191,9 @@ def train_corpus(corpus):
     data = training_queries(corpus, train_data.CorpusFile(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"])))
     model, tokenizer, resume = lm.load_for_training(C["BASE_MODEL"], out)
     examples, supplier = training_data(data, tokenizer, rank_token_id(tokenizer, model))
-    lm.train_sft(model, tokenizer, examples, out, lm.sft_config(C), extra_loss=ranknet_loss if supplier else None,
-                 extra_batches=supplier, resume_from=resume, desc=f"genir {corpus}")
+    lm.train_sft(model, tokenizer, examples, out, declared(lm.SFTSettings, C),
+                 extra_loss=ranknet_loss if supplier else None, extra_batches=supplier, resume_from=resume,
+                 desc=f"genir {corpus}")
     return out
 
 
@@ -270,16 +274,18 @@ def eval_prompts(tokenizer, queries):
                                                        C["MAX_EVAL_QUERY_TOKENS"])) for q in queries]
 
 
+def decode_settings(**changes):
+    """The decoding settings of C (decoding.DecodeSettings), with `changes` (e.g. mode=...)."""
+    # EVAL_BATCH_SIZE, not the training BATCH_SIZE, is the number of queries decoded together.
+    values = {"mode": C["DECODE_MODE"], "batch_size": C["EVAL_BATCH_SIZE"], **changes}
+    return declared(decoding.DecodeSettings, C, **values)
+
+
 def decode_queries(model, tokenizer, tree, queries, mode):
-    """{qid: (ranking doc ids, decoded leaves)} for this process's queries, gathered from all."""
+    """{qid: ranked doc ids} decoded in `mode` for this process's queries, gathered from all."""
     mine, state = split_for_process(queries)
-    found = decoding.decode(model, tree, eval_prompts(tokenizer, mine), mode=mode, K=C["K"], k=C["SLOPE"],
-                            m=C["MIDPOINT"], t_max=C["T_MAX"], top_k=C["TOP_K"], top_p=C["TOP_P"],
-                            temperature=C["NUCLEUS_TEMPERATURE"], num_beams=C["NUM_BEAMS"],
-                            batch_size=C["EVAL_BATCH_SIZE"], max_results=C["MAX_RESULTS"], seed=C["SEED"],
-                            draws_per_round=C["DRAWS_PER_ROUND"], beam_token_budget=C["BEAM_TOKEN_BUDGET"],
-                            progress=state.is_main_process,
-                            keys=[str(q["qid"]) for q in mine])
+    found = decoding.decode(model, tree, eval_prompts(tokenizer, mine), decode_settings(mode=mode),
+                            keys=[str(q["qid"]) for q in mine], progress=state.is_main_process)
     local = [(str(q["qid"]), [doc for doc, _ in r.ranking]) for q, r in zip(mine, found)]
     return dict(gather(local, state))
 
@@ -380,15 +386,15 @@ def ablation(tasks):
         return None
     folder = run_dir()
     table = metrics.ablation_table(per_query, reference=C["DECODE_MODE"])
-    settings = (f"K={C['K']}, k={C['SLOPE']}, m={C['MIDPOINT']}, T_max={C['T_MAX']}, top-k={C['TOP_K']}, "
-                f"top-p={C['TOP_P']}, nucleus T={C['NUCLEUS_TEMPERATURE']}, beams={C['NUM_BEAMS'] or C['K']}")
+    s = decode_settings()
+    settings = (f"K={s.K}, k={s.slope}, m={s.midpoint}, T_max={s.t_max}, top-k={s.top_k}, top-p={s.top_p}, "
+                f"nucleus T={s.nucleus_temperature}, beams={s.num_beams or s.K}")
     path = os.path.join(folder, "ablation.md")
     with atomic_open(path) as f:
         f.write(f"# Decoding ablation: {C['RUN']} ({', '.join(tasks)})\n\nSettings: {settings}.\n\n{table}\n")
     write_json(per_query, os.path.join(folder, "ablation_per_query.json"))
     metrics.plot_ablation(per_query, os.path.join(folder, "ablation.png"))
-    metrics.plot_schedule(decoding.reverse_annealed_temperatures(C["K"], C["SLOPE"], C["MIDPOINT"], C["T_MAX"]),
-                          os.path.join(folder, "schedule.png"))
+    metrics.plot_schedule(s.schedule(), os.path.join(folder, "schedule.png"))
     log.info("ablation -> %s, ablation.png, schedule.png", path)
     return path
 

@@ -4,6 +4,7 @@ prompt, collation and the SFT loop on `accelerate` (the generation backends are 
 GPU-only accelerations are chosen at run time: bf16 + FlashAttention-2 + Liger kernels when CUDA is
 present and the package imports; float32 + SDPA otherwise. Nothing here knows a model family.
 """
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -13,6 +14,7 @@ import random
 import re
 import shutil
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -34,12 +36,6 @@ def has_package(name):
 
 def cuda_available():
     return torch.cuda.is_available()
-
-
-def attention_implementation():
-    if cuda_available() and has_package("flash_attn"):
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def load_tokenizer(path):
@@ -68,7 +64,8 @@ def load_model(path, device=None, dtype=None, on_cuda=None):
     if on_cuda is None:
         on_cuda = device is not None and str(device).startswith("cuda")
     dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
-    kwargs = {"dtype": dtype, "attn_implementation": attention_implementation() if on_cuda else "sdpa"}
+    flash = on_cuda and cuda_available() and has_package("flash_attn")
+    kwargs = {"dtype": dtype, "attn_implementation": "flash_attention_2" if flash else "sdpa"}
     if on_cuda and has_package("liger_kernel"):
         from liger_kernel.transformers import AutoLigerKernelForCausalLM
         model = AutoLigerKernelForCausalLM.from_pretrained(path, **kwargs)
@@ -161,14 +158,9 @@ class SFTModule(torch.nn.Module):
         return loss
 
 
-DIST_TIMEOUT_S = 1800  # a collective waiting longer than this means a rank died or hangs
-
-
-def init_distributed(timeout_s=DIST_TIMEOUT_S):
+def init_distributed(timeout_s):
     """This process's accelerate state; under a multi-process launch the process group is created
     here (once per process) with `timeout_s`, so a rank that dies or hangs stops the others."""
-    from datetime import timedelta
-
     from accelerate import PartialState
     return PartialState(cpu=not cuda_available(), timeout=timedelta(seconds=timeout_s))
 
@@ -198,19 +190,6 @@ def last_checkpoint(out_dir):
 
 def training_done(out_dir):
     return os.path.exists(os.path.join(out_dir, "training_complete.json"))
-
-
-def _save_dir_atomically(out_dir, name, save_fn):
-    """Write a directory with `save_fn(tmp_dir)`, then rename it into place."""
-    final = os.path.join(out_dir, name)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_fn(tmp)
-    apply_umask(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
 
 
 def wandb_run(setting, project, name, out_dir, config=None):
@@ -289,137 +268,170 @@ def _restore_random_states(states, accelerator, order, extra_batches, desc):
         extra_batches.load_extra_state(state["extra"])
 
 
-def train_sft(model, tokenizer, examples, out_dir, cfg, extra_loss=None, extra_batches=None,
+@dataclasses.dataclass
+class SFTSettings:
+    """train_sft's settings, the scripts' constants in lower case: AdamW's lr (constant after warmup), weight_decay;
+    batch_size per process; warmup_steps (None: warmup_ratio of an epoch's steps); grad_clip: max gradient norm;
+    wandb mode (None: $WANDB_MODE), logs every log_every steps; keep_checkpoints (0 = all); dist_timeout in s."""
+    lr: float
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    warmup_steps: int | None
+    warmup_ratio: float
+    grad_clip: float
+    weight_decay: float
+    seed: int
+    log_every: int
+    wandb: str | None
+    wandb_project: str
+    keep_checkpoints: int
+    dist_timeout: float
+
+
+def train_sft(model, tokenizer, examples, out_dir, settings, extra_loss=None, extra_batches=None,
               resume_from=None, desc="sft"):
-    """Fine-tune `model` on encoded `examples` (a list or a map-style dataset) with AdamW, constant LR
-    after warmup, grad clip, gradient accumulation; a checkpoint (model + tokenizer + optimizer
-    state) per epoch; resume.
-
-    cfg keys: lr, epochs, batch_size, grad_accum, warmup_steps (int) or warmup_ratio (fraction of
-    an epoch), grad_clip, seed, log_every, wandb, wandb_project, keep_checkpoints (newest epoch
-    checkpoints kept; 0 = all), dist_timeout (seconds). `extra_batches(step)` returns the
-    auxiliary batch (or None) for a step; `extra_loss(lm, batch)` scores it.
-    Each checkpoint also holds every process's random states, the data order's and `extra_batches`'
-    (see SeededBatches), so a run killed at any point and resumed ends as an uninterrupted one.
-    Returns a summary dict (losses per epoch, steps, seconds, num_processes).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
-    from transformers import get_constant_schedule_with_warmup
-
-    init_distributed(cfg.get("dist_timeout", DIST_TIMEOUT_S))
-    accelerator = Accelerator(cpu=not cuda_available(), gradient_accumulation_steps=cfg.get("grad_accum", 1))
-    set_seed(cfg.get("seed", 0))
-    main = accelerator.is_main_process
-    if not examples:
-        raise ValueError(f"{desc}: no training examples")
-    loader = sft_loader(examples, cfg["batch_size"], cfg.get("seed", 0), tokenizer.pad_token_id)
-    order = loader.generator
-    module = SFTModule(model, extra_loss)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
-    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    steps_per_epoch = math.ceil(len(loader) / cfg.get("grad_accum", 1))
-    warmup = cfg.get("warmup_steps")
-    if warmup is None:
-        warmup = int(cfg.get("warmup_ratio", 0.0) * steps_per_epoch)
-    scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-
-    start_epoch, global_step, history, state = 0, 0, [], None
+    """Fine-tune `model` on encoded `examples` (a list or a map-style dataset) as SFTSettings `settings` say, with
+    a checkpoint per epoch holding every process's random states (see SeededBatches): a run killed and resumed ends
+    as an uninterrupted one. Adds `extra_loss(lm, extra_batches(step))` where that is not None; returns a summary."""
+    training = _Training(model, tokenizer, examples, out_dir, settings, extra_loss, extra_batches, desc)
     resume_from = resume_from or last_checkpoint(out_dir)
-    if resume_from:
-        state = torch.load(os.path.join(resume_from, "optimizer.pt"), map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        meta = json.load(open(os.path.join(resume_from, "trainer_state.json")))
-        start_epoch, global_step, history = meta["epoch"], meta["global_step"], meta["history"]
-        if main:
-            log.info("%s: resuming from %s (epoch %d done, step %d)", desc, resume_from, start_epoch, global_step)
-
-    run = wandb_run(cfg.get("wandb"), cfg.get("wandb_project", "zerogr"), os.path.basename(out_dir.rstrip("/")),
-                    out_dir, cfg) if main else None
-    if main:
-        log.info("%s: %d examples, %d processes, %d optimizer steps/epoch, %d epochs, warmup %d -> %s",
-                 desc, len(examples), accelerator.num_processes, steps_per_epoch, cfg["epochs"], warmup, out_dir)
+    state = training.resume(resume_from) if resume_from else None
+    run = wandb_run(settings.wandb, settings.wandb_project, os.path.basename(out_dir.rstrip("/")), out_dir,
+                    dataclasses.asdict(settings)) if training.main else None
+    if training.main:
+        log.info("%s: %d examples, %d processes, %d optimizer steps/epoch, %d epochs, warmup %d -> %s", desc,
+                 len(examples), training.accelerator.num_processes, training.steps_per_epoch, settings.epochs,
+                 training.warmup, out_dir)
     if state is not None:  # last before the loop: nothing may draw between the restore and the first batch
-        _restore_random_states(state.get("random"), accelerator, order, extra_batches, desc)
+        _restore_random_states(state.get("random"), training.accelerator, training.order, extra_batches, desc)
     started = time.time()
-    for epoch in range(start_epoch, cfg["epochs"]):
-        module.train()
+    for epoch in range(training.start_epoch, settings.epochs):
+        training.train_epoch(epoch, run, started)
+    return training.finish(run, started)
+
+
+class _Training:
+    """One train_sft call's parts prepared by accelerate, and its progress; each method one step."""
+
+    def __init__(self, model, tokenizer, examples, out_dir, settings, extra_loss, extra_batches, desc):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import get_constant_schedule_with_warmup
+
+        init_distributed(settings.dist_timeout)
+        self.accelerator = Accelerator(cpu=not cuda_available(), gradient_accumulation_steps=settings.grad_accum)
+        set_seed(settings.seed)
+        self.main = self.accelerator.is_main_process
+        if not examples:
+            raise ValueError(f"{desc}: no training examples")
+        loader = sft_loader(examples, settings.batch_size, settings.seed, tokenizer.pad_token_id)
+        self.order = loader.generator
+        module = SFTModule(model, extra_loss)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.module, self.optimizer, self.loader = self.accelerator.prepare(module, optimizer, loader)
+        self.steps_per_epoch = steps = math.ceil(len(self.loader) / settings.grad_accum)
+        self.warmup = int(settings.warmup_ratio * steps) if settings.warmup_steps is None else settings.warmup_steps
+        self.scheduler = get_constant_schedule_with_warmup(self.optimizer, self.warmup)
+        self.tokenizer, self.out_dir, self.settings, self.extra_batches, self.desc = \
+            tokenizer, out_dir, settings, extra_batches, desc
+        self.start_epoch, self.global_step, self.history = 0, 0, []
+
+    def resume(self, path):
+        """Optimizer, schedule and progress from the checkpoint at `path`; returns its saved state."""
+        state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        meta = json.load(open(os.path.join(path, "trainer_state.json")))
+        self.start_epoch, self.global_step, self.history = meta["epoch"], meta["global_step"], meta["history"]
+        if self.main:
+            log.info("%s: resuming from %s (epoch %d done, step %d)", self.desc, path, self.start_epoch,
+                     self.global_step)
+        return state
+
+    def train_epoch(self, epoch, run, started):
+        """Epoch `epoch` (from 0), then its checkpoint."""
+        from accelerate.utils import gather_object
+
+        accelerator, scheduler = self.accelerator, self.scheduler
+        self.module.train()
         running, total, count = None, 0.0, 0
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg['epochs']}", disable=not main, dynamic_ncols=True)
-        for i, batch in enumerate(bar):
-            extra = extra_batches(global_step) if extra_batches is not None else None
+        bar = tqdm(self.loader, desc=f"{self.desc} epoch {epoch + 1}/{self.settings.epochs}", disable=not self.main,
+                   dynamic_ncols=True)
+        for batch in bar:
+            extra = self.extra_batches(self.global_step) if self.extra_batches is not None else None
             if extra is not None:
                 extra = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in extra.items()}
-            with accelerator.accumulate(module):
-                loss = module(**batch, extra=extra)
+            with accelerator.accumulate(self.module):
+                loss = self.module(**batch, extra=extra)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(module.parameters(), cfg.get("grad_clip", 1.0))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    accelerator.clip_grad_norm_(self.module.parameters(), self.settings.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 scheduler.step()
-                global_step += 1
+                self.global_step += 1
             value = loss.item()
             total, count = total + value, count + 1
             running = value if running is None else 0.98 * running + 0.02 * value
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if run and global_step % cfg.get("log_every", 10) == 0 and accelerator.sync_gradients:
-                run.log({"loss": value, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, step=global_step)
+            if run and self.global_step % self.settings.log_every == 0 and accelerator.sync_gradients:
+                run.log({"loss": value, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, step=self.global_step)
         mean_loss = accelerator.gather(torch.tensor([total / max(count, 1)], device=accelerator.device)).mean().item()
-        history.append({"epoch": epoch + 1, "loss": mean_loss, "steps": global_step,
-                        "seconds": round(time.time() - started, 1)})
-        states = gather_object([_random_states(order, extra_batches)])
-        if main:
-            _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, states, out_dir, epoch + 1,
-                             global_step, history, cfg.get("keep_checkpoints", 0))
-            log.info("%s: epoch %d mean loss %.4f", desc, epoch + 1, mean_loss)
+        self.history.append({"epoch": epoch + 1, "loss": mean_loss, "steps": self.global_step,
+                             "seconds": round(time.time() - started, 1)})
+        states = gather_object([_random_states(self.order, self.extra_batches)])
+        if self.main:
+            self.save_checkpoint(states, epoch + 1)
+            log.info("%s: epoch %d mean loss %.4f", self.desc, epoch + 1, mean_loss)
         accelerator.wait_for_everyone()
 
-    summary = {"history": history, "global_step": global_step, "num_processes": accelerator.num_processes,
-               "seconds": round(time.time() - started, 1)}
-    if main:
-        unwrapped = accelerator.unwrap_model(module).lm
-        unwrapped.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        apply_umask(out_dir)
-        write_json(summary, os.path.join(out_dir, "training_complete.json"))  # written last: marks the model done
-        if run:
-            import wandb
-            table = wandb.Table(columns=["epoch", "loss", "steps", "seconds"],
-                                data=[[h["epoch"], h["loss"], h["steps"], h["seconds"]] for h in history])
-            run.log({"epochs": table})
-            run.finish()
-        log.info("%s: done, model saved to %s", desc, out_dir)
-    accelerator.wait_for_everyone()  # no end_training(): it destroys the process group the next corpus needs
-    return summary
+    def save_checkpoint(self, random_states, epoch):
+        """checkpoint-epoch<epoch>, written as <that>.tmp and renamed into place; older ones pruned."""
+        path = os.path.join(self.out_dir, f"checkpoint-epoch{epoch}")
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self.accelerator.unwrap_model(self.module).lm.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "random": random_states}, os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"epoch": epoch, "global_step": self.global_step, "history": self.history,
+                       "num_processes": self.accelerator.num_processes}, f, indent=2)
+        apply_umask(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        older = _checkpoints(self.out_dir)[:-1]
+        for name in older:  # optimizer and random states are only needed to resume from the newest
+            stale = os.path.join(self.out_dir, name, "optimizer.pt")
+            if os.path.exists(stale):
+                os.remove(stale)
+        keep = self.settings.keep_checkpoints
+        if keep > 0:
+            for name in older[:max(0, len(older) + 1 - keep)]:
+                shutil.rmtree(os.path.join(self.out_dir, name))
+                log.info("removed %s (keep_checkpoints=%d)", name, keep)
+        log.info("checkpoint: %s", path)
 
-
-def _save_checkpoint(accelerator, module, tokenizer, optimizer, scheduler, random_states, out_dir, epoch, global_step,
-                     history, keep=0):
-    lm = accelerator.unwrap_model(module).lm
-
-    def save(path):
-        lm.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "random": random_states}, os.path.join(path, "optimizer.pt"))
-        with open(os.path.join(path, "trainer_state.json"), "w") as f:
-            json.dump({"epoch": epoch, "global_step": global_step, "history": history,
-                       "num_processes": accelerator.num_processes}, f, indent=2)
-
-    path = _save_dir_atomically(out_dir, f"checkpoint-epoch{epoch}", save)
-    older = _checkpoints(out_dir)[:-1]
-    for name in older:  # optimizer and random states are only needed to resume from the newest
-        stale = os.path.join(out_dir, name, "optimizer.pt")
-        if os.path.exists(stale):
-            os.remove(stale)
-    if keep > 0:
-        for name in older[:max(0, len(older) + 1 - keep)]:
-            shutil.rmtree(os.path.join(out_dir, name))
-            log.info("removed %s (keep_checkpoints=%d)", name, keep)
-    log.info("checkpoint: %s", path)
+    def finish(self, run, started):
+        """The final model, then training_complete.json; returns the summary it holds."""
+        summary = {"history": self.history, "global_step": self.global_step,
+                   "num_processes": self.accelerator.num_processes, "seconds": round(time.time() - started, 1)}
+        if self.main:
+            self.accelerator.unwrap_model(self.module).lm.save_pretrained(self.out_dir)
+            self.tokenizer.save_pretrained(self.out_dir)
+            apply_umask(self.out_dir)
+            write_json(summary, os.path.join(self.out_dir, "training_complete.json"))  # last: marks the model done
+            if run:
+                import wandb
+                columns = ["epoch", "loss", "steps", "seconds"]
+                run.log({"epochs": wandb.Table(columns=columns, data=[[h[c] for c in columns] for h in self.history])})
+                run.finish()
+            log.info("%s: done, model saved to %s", self.desc, self.out_dir)
+        self.accelerator.wait_for_everyone()  # no end_training(): it destroys the process group the next corpus needs
+        return summary
 
 
 def load_for_training(base_path, out_dir):
@@ -428,18 +440,10 @@ def load_for_training(base_path, out_dir):
     return (*load_model(resume or base_path, on_cuda=cuda_available()), resume)
 
 
-def sft_config(C):
-    """The train_sft settings from a script's constants."""
-    keys = ("lr", "epochs", "batch_size", "grad_accum", "warmup_steps", "warmup_ratio", "grad_clip", "seed",
-            "log_every", "wandb", "wandb_project", "weight_decay", "keep_checkpoints", "dist_timeout")
-    return {k: C[k.upper()] for k in keys if k.upper() in C}
-
-
-def run_sft(C, encode_examples, desc):
-    """Train C["BASE_MODEL"] into C["OUT_DIR"] on `encode_examples(tokenizer)`, resuming, unless already done."""
-    if training_done(C["OUT_DIR"]):
-        log.info("%s: %s is already trained (training_complete.json); delete it to retrain", desc, C["OUT_DIR"])
+def run_sft(base_model, out_dir, settings, encode_examples, desc):
+    """Train `base_model` into `out_dir` on `encode_examples(tokenizer)`, resuming, unless already done."""
+    if training_done(out_dir):
+        log.info("%s: %s is already trained (training_complete.json); delete it to retrain", desc, out_dir)
         return None
-    model, tokenizer, resume = load_for_training(C["BASE_MODEL"], C["OUT_DIR"])
-    examples = encode_examples(tokenizer)
-    return train_sft(model, tokenizer, examples, C["OUT_DIR"], sft_config(C), resume_from=resume, desc=desc)
+    model, tokenizer, resume = load_for_training(base_model, out_dir)
+    return train_sft(model, tokenizer, encode_examples(tokenizer), out_dir, settings, resume_from=resume, desc=desc)

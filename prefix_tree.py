@@ -88,6 +88,46 @@ class _Columns:
         return out
 
 
+def _checked_columns(doc_ids, tokens, lengths, end_id, max_tokens, skip_empty):
+    """(ids, _Columns cut to max_tokens, stats) of CSR DocIDs; a malformed DocID is a ValueError naming it."""
+    if end_id is None:
+        raise ValueError("end_id is required (the token that ends every DocID)")
+    end_id = int(end_id)
+    ids = np.fromiter(map(str, doc_ids), dtype=object)
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths, dtype=np.int64)
+    n = len(ids)
+    if n == 0:
+        raise ValueError("no DocIDs to build a prefix tree from")
+    if lengths.shape != (n,) or int(lengths.sum()) != tokens.size:
+        raise ValueError(f"lengths must give one length per document ({n}) and sum to the number of tokens")
+    starts = np.cumsum(lengths, dtype=_index_dtype(tokens.size))
+    starts -= lengths
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 31 - 1):
+        bad = np.flatnonzero((tokens < 0) | (tokens >= 2 ** 31 - 1))
+        owners = np.searchsorted(starts, bad, "right") - 1
+        raise ValueError(f"token ids out of range in the DocID of {_names(ids, np.unique(owners))}")
+    with_end = np.flatnonzero(tokens == end_id)
+    if with_end.size:
+        raise ValueError(f"the end token {end_id} occurs inside the DocID of "
+                         f"{_names(ids, np.unique(np.searchsorted(starts, with_end, 'right') - 1))}")
+    empty = np.flatnonzero(lengths == 0)
+    if empty.size:
+        if not skip_empty:
+            raise ValueError(f"{empty.size} empty DocID(s): {_names(ids, empty)}")
+        log.warning("skipped %d documents with an empty DocID: %s", empty.size, _names(ids, empty))
+        keep = np.flatnonzero(lengths > 0)
+        ids, starts, lengths = ids[keep], starts[keep], lengths[keep]
+        if keep.size == 0:
+            raise ValueError("every DocID is empty")
+    _check_unique(ids)
+    cut = lengths > max_tokens
+    stats = {"docs_in": n, "cut": int(cut.sum()), "skipped_empty": int(empty.size)}
+    if stats["cut"]:
+        log.warning("%d DocIDs longer than %d tokens were cut to that length (e.g. %s)",
+                    stats["cut"], max_tokens, _names(ids, np.flatnonzero(cut), 3))
+    return ids, _Columns(tokens, starts, np.minimum(lengths, max_tokens).astype(np.int32), end_id), stats
+
+
 def _stable_order(key, largest):
     """np.argsort(key, kind="stable"); keys below 2**16 take numpy's radix sort."""
     return np.argsort(key.astype(np.uint16) if largest < 2 ** 16 else key, kind="stable")
@@ -268,65 +308,24 @@ class PrefixTree:
         for doc_id, seq in pairs:
             doc_ids.append(doc_id)
             seqs.append(seq)
-        tokens, lengths = _csr(seqs)
-        return cls.from_arrays(doc_ids, tokens, lengths, end_id, max_tokens, skip_empty)
+        return cls.from_arrays(doc_ids, *_csr(seqs), end_id, max_tokens, skip_empty)
 
     @classmethod
     def from_arrays(cls, doc_ids, tokens, lengths, end_id, max_tokens=MAX_DOCID_TOKENS, skip_empty=False):
         """Trie of DocIDs given as CSR token arrays: DocID i is tokens[sum(lengths[:i]):][:lengths[i]]."""
-        if end_id is None:
-            raise ValueError("end_id is required (the token that ends every DocID)")
-        end_id = int(end_id)
-        ids = np.fromiter(map(str, doc_ids), dtype=object)
-        tokens = np.asarray(tokens)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        n = len(ids)
-        if n == 0:
-            raise ValueError("no DocIDs to build a prefix tree from")
-        if lengths.shape != (n,) or int(lengths.sum()) != tokens.size:
-            raise ValueError(f"lengths must give one length per document ({n}) and sum to the number of tokens")
-        starts = np.cumsum(lengths, dtype=_index_dtype(tokens.size))
-        starts -= lengths
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 31 - 1):
-            bad = np.flatnonzero((tokens < 0) | (tokens >= 2 ** 31 - 1))
-            owners = np.searchsorted(starts, bad, "right") - 1
-            raise ValueError(f"token ids out of range in the DocID of {_names(ids, np.unique(owners))}")
-        with_end = np.flatnonzero(tokens == end_id)
-        if with_end.size:
-            raise ValueError(f"the end token {end_id} occurs inside the DocID of "
-                             f"{_names(ids, np.unique(np.searchsorted(starts, with_end, 'right') - 1))}")
-        stats = {"docs_in": n, "cut": 0, "skipped_empty": 0}
-        empty = np.flatnonzero(lengths == 0)
-        if empty.size:
-            if not skip_empty:
-                raise ValueError(f"{empty.size} empty DocID(s): {_names(ids, empty)}")
-            log.warning("skipped %d documents with an empty DocID: %s", empty.size, _names(ids, empty))
-            keep = np.flatnonzero(lengths > 0)
-            ids, starts, lengths, n = ids[keep], starts[keep], lengths[keep], keep.size
-            stats["skipped_empty"] = int(empty.size)
-            if n == 0:
-                raise ValueError("every DocID is empty")
-        _check_unique(ids)
+        ids, columns, stats = _checked_columns(doc_ids, tokens, lengths, end_id, max_tokens, skip_empty)
         # Intermediates are deleted once spent: at millions of DocIDs each holds tens of MB.
-        cut = lengths > max_tokens
-        stats["cut"] = int(cut.sum())
-        if stats["cut"]:
-            log.warning("%d DocIDs longer than %d tokens were cut to that length (e.g. %s)",
-                        stats["cut"], max_tokens, _names(ids, np.flatnonzero(cut), 3))
-        del cut
-        columns = _Columns(tokens, starts, np.minimum(lengths, max_tokens).astype(np.int32), end_id)
-        del starts, lengths
-        perm, first_diff = _sort_rows(columns, n)
+        perm, first_diff = _sort_rows(columns, len(ids))
         _order_ties_by_id(perm, first_diff, columns.width, ids)
         rep, keep_len, shared = _unique_prefix_lengths(first_diff, columns.width)
         del first_diff
         rep_doc = perm[rep]
-        path_len = keep_len + (columns(rep_doc, keep_len - 1) != end_id)
+        path_len = keep_len + (columns(rep_doc, keep_len - 1) != columns.end_id)
         # Each path adds a node per token past the prefix it shares with the previous sorted path.
         n_nodes = 1 + int(path_len.sum(dtype=np.int64)) - int(shared.sum(dtype=np.int64))
         del shared
         edge_key, leaf_count, child_ptr, node = _levels(columns, rep_doc, keep_len, path_len, n_nodes)
-        key_base = columns.key_base
+        key_base, end_id = columns.key_base, columns.end_id
         del rep_doc, keep_len, columns
         # Leaf ids follow node order: by depth (the path length), then by sorted path.
         leaf_order = _stable_order(path_len, int(path_len.max()))
@@ -337,10 +336,10 @@ class PrefixTree:
         leaf_doc_ptr, slot_doc = _leaf_documents(perm, rep, leaf_order)
         del perm, rep, leaf_order
         doc_id_ptr, doc_id_bytes = _pack_ids(ids, slot_doc)
-        stats.update(docs=n, leaves=n_paths, nodes=n_nodes)
+        stats.update(docs=len(ids), leaves=n_paths, nodes=n_nodes)
         arrays = {"edge_key": edge_key, "child_ptr": child_ptr, "leaf_count": leaf_count, "leaf_node": leaf_node,
                   "leaf_doc_ptr": leaf_doc_ptr, "doc_id_ptr": doc_id_ptr, "doc_id_bytes": doc_id_bytes}
-        log.info("prefix tree: %d documents, %d leaves, %d nodes, depth %d", n, n_paths, n_nodes, max_depth)
+        log.info("prefix tree: %d documents, %d leaves, %d nodes, depth %d", len(ids), n_paths, n_nodes, max_depth)
         return cls(arrays, {"end_id": end_id, "key_base": key_base, "max_depth": max_depth, "stats": stats})
 
     # ----- queries -----

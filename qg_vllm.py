@@ -8,6 +8,7 @@ Launcher mode (`-total_num 0`, the default): the shards of every corpus of TASKS
 visible GPUs (CUDA_VISIBLE_DEVICES, else all), one process per GPU at a time, then merge into
 dataset/MAIR-Data/<MODEL_SUFIX>-<NUM_Q>/<corpus>/queries.jsonl; finished corpora and shards are
 skipped and unfinished shards resume. Logs: LOG_DIR/qg_vllm-<corpus>-<pid>-<total_num>.log.
+Pseudo-query figures (quality.py: self-retrieval, duplicates, length) go to queries.quality.json.
     python qg_vllm.py [--config configs/demo.json] [--NUM_Q=16] ...
 Two nodes sharing the filesystem: `--TOTAL_NUM=16 --PID_END=7` on one, `--TOTAL_NUM=16
 --PID_START=8` on the other, then `--TOTAL_NUM=16 --MERGE_ONLY=True` on either.
@@ -15,14 +16,16 @@ Two nodes sharing the filesystem: `--TOTAL_NUM=16 --PID_END=7` on one, `--TOTAL_
 Backend: vLLM when it imports and a GPU is present, else batched transformers `generate`, both
 sampling at temperature 1 with at most 64 new tokens.
 """
-import logging
-import os
+import functools
 import sys
 
 import lm
 import mair_config
+import quality
 import shards
-from config import parse_args, setup_logging
+from config import declared, parse_args, setup_logging
+from data import read_docs, task_instruction
+from file_io import read_jsonl
 from prompts import query_generation_prompt
 
 C = {
@@ -45,14 +48,12 @@ C = {
     "GPU_MEMORY_UTILIZATION": None,                    # GPU memory share per vLLM engine; None = vLLM's
                                                        #   default, one engine per GPU; 0.3 = 3 per GPU
     "SEED": 0,
+    "QUALITY_DOCS": 2000,                              # documents whose pseudo-queries are scored (quality.py; 0 = all)
     "DATA_ROOT": mair_config.DATA_ROOT,
     "LOG_DIR": "log",
 }
 
-log = logging.getLogger("qg_vllm")
-
-
-def query_rows(generator, tokenizer, docs, instruction, num_q):
+def query_rows(instruction, num_q, generator, tokenizer, docs):
     prompts = [lm.chat_prompt_ids(tokenizer, query_generation_prompt(instruction, d["prepared"])) for d in docs]
     outputs = generator.generate(prompts, n=num_q, temperature=C["TEMPERATURE"], top_p=C["TOP_P"],
                                  max_tokens=C["MAX_TOKENS"], desc="queries")
@@ -60,30 +61,33 @@ def query_rows(generator, tokenizer, docs, instruction, num_q):
             for d, queries in zip(docs, outputs) for query in queries]
 
 
-def doc_key(row):
-    return row["labels"][0]["id"]
+def output(model_sufix, num_q):
+    """NUM_Q pseudo-queries per document, in MAIR-Data/<MODEL_SUFIX>-<NUM_Q>/<corpus>/queries.jsonl."""
+    def path(corpus):
+        return mair_config.pseudo_queries_path(corpus, model_sufix, num_q, C["DATA_ROOT"])
+    return shards.Output(path, num_q, lambda row: row["labels"][0]["id"],
+                         report=lambda corpus: write_quality(path(corpus), corpus))
 
 
-def final_path(corpus, model_sufix=None, num_q=None):
-    return mair_config.pseudo_queries_path(corpus, model_sufix or C["MODEL_SUFIX"], num_q or C["NUM_Q"],
-                                           C["DATA_ROOT"])
+def write_quality(path, corpus):
+    """Pseudo-query figures (quality.py) of QUALITY_DOCS documents, beside the merged output."""
+    if quality.is_current(path):
+        return
+    docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
+    sample, by_doc = quality.sample_ids(docs, C["QUALITY_DOCS"], C["SEED"]), {}
+    for row in read_jsonl(path):
+        if str(row["labels"][0]["id"]) in sample:
+            by_doc.setdefault(str(row["labels"][0]["id"]), []).append(row["query"])
+    quality.write_report(path, quality.query_quality(docs, by_doc), corpus, "pseudo-query")
 
 
 def gen(docs_path, data_name, pid, total_num, model_sufix, model_name, num_q):
     """Generate one shard of pseudo-queries."""
-    docs = shards.shard_docs(shards.read_docs(docs_path), pid, total_num)
-    instruction = shards.task_instruction(docs_path)
-    out = mair_config.shard_path(final_path(data_name, model_sufix, num_q), pid, total_num)
-    log.info("%s shard %d/%d: %d documents, instruction %r -> %s", data_name, pid, total_num, len(docs),
-             instruction, out)
-    settings = shards.Generation(C["BACKEND"], C["BATCH_SIZE"], C["SEED"], C["GPU_MEMORY_UTILIZATION"],
-                                 C["DOC_WORDS"], C["DOC_TOKENS"])
-    generator, tokenizer = shards.load_generator(model_name, settings, pid)
-
-    def chunk(batch):
-        return query_rows(generator, tokenizer, shards.prepare_docs(tokenizer, batch, settings), instruction, num_q)
-
-    return shards.generate_shard(docs, out, chunk, num_q, doc_key, C["CHUNK_DOCS"], desc=f"{data_name} {pid}")
+    docs = read_docs(docs_path)
+    instruction = task_instruction(docs_path)
+    return shards.run_shard(__file__, declared(shards.Generation, C), docs, data_name, pid, total_num, model_name,
+                            output(model_sufix, num_q),
+                            functools.partial(query_rows, instruction, num_q), note=f", instruction {instruction!r}")
 
 
 def main(argv=None):
@@ -92,17 +96,9 @@ def main(argv=None):
     model_sufix = args.model_sufix or C["MODEL_SUFIX"]
     model_name = args.model_name or C["MODEL_NAME"]
     num_q = args.num_q or C["NUM_Q"]
-    if args.total_num > 0:
-        if not args.docs_path or not args.data_name:
-            raise SystemExit("shard mode (-total_num > 0) needs -docs_path and -data_name")
-        gen(args.docs_path, args.data_name, args.pid, args.total_num, model_sufix, model_name, num_q)
-        return 0
-    C.update(MODEL_SUFIX=model_sufix, MODEL_NAME=model_name, NUM_Q=num_q)
-    run = shards.Launch(C["TASKS"], C["TOTAL_NUM"], C["PID_START"], C["PID_END"], C["MERGE_ONLY"],
-                        C["GPU_MEMORY_UTILIZATION"], C["DATA_ROOT"], C["LOG_DIR"])
-    flags = ["-model_sufix", model_sufix, "-model_name", model_name, "-num_q", str(num_q), *args.passthrough]
-    failed = shards.launch_all(os.path.abspath(__file__), run, flags, final_path, num_q, doc_key)
-    return 1 if failed else 0
+    flags = ["-model_sufix", model_sufix, "-model_name", model_name, "-num_q", str(num_q)]
+    shard = functools.partial(gen, model_sufix=model_sufix, model_name=model_name, num_q=num_q)
+    return shards.run(__file__, declared(shards.Launch, C), args, shard, output(model_sufix, num_q), flags)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ import sys
 
 import lm
 import mair_config
-from config import env_rank, parse_args, setup_logging
+from config import declared, env_rank, parse_args, setup_logging
+from data import read_docs
 from docids import ExtractiveTeacher, normalize_docid
 from file_io import read_or_build_rows, read_rows
 from prompts import DOCID_RULES, docid_prompt
-from shards import read_docs
 
 C = {
     "BASE_MODEL": "models/Llama-3.2-1B-Instruct",
@@ -31,10 +31,12 @@ C = {
     "MAX_EXAMPLES": None,
     "LR": 5e-5,
     "WARMUP_STEPS": 200,
+    "WARMUP_RATIO": 0.0,           # unused: WARMUP_STEPS sets the warmup
     "EPOCHS": 3,                   # the code's value; the paper notes say 5
     "BATCH_SIZE": 32,
     "GRAD_ACCUM": 1,
     "GRAD_CLIP": 1.0,
+    "WEIGHT_DECAY": 0.0,           # AdamW weight decay; 0.0 is the current behaviour
     "MAX_LEN": 512,
     "MAX_INSTRUCTION_TOKENS": 200,
     "MAX_DOC_TOKENS": 256,
@@ -99,7 +101,8 @@ def main(argv=None):
     rows = read_or_build_rows(C["SFT_DATA"], ("instruction", "input", "output"),
                               lambda: build_sft_data(C["TRAIN_TASKS"], C["DATA_ROOT"], C["TEACHER_FILE"]),
                               nonempty=("input", "output"), max_rows=C["MAX_EXAMPLES"], save=env_rank() == 0)
-    lm.run_sft(C, lambda tokenizer: encode(tokenizer, rows), desc="sftid")
+    settings = declared(lm.SFTSettings, C)
+    lm.run_sft(C["BASE_MODEL"], C["OUT_DIR"], settings, lambda tokenizer: encode(tokenizer, rows), desc="sftid")
     return 0
 
 

@@ -15,10 +15,10 @@ import sys
 
 import lm
 import mair_config
-from config import env_rank, parse_args, setup_logging
+from config import declared, env_rank, parse_args, setup_logging
+from data import read_docs
 from file_io import is_blank, iter_rows, read_or_build_rows, warn_skipped
 from prompts import query_generation_prompt
-from shards import read_docs
 
 C = {
     "BASE_MODEL": "models/Llama-3.2-1B-Instruct",
@@ -31,10 +31,12 @@ C = {
     "MAX_EXAMPLES": None,          # subsample the SFT data (None = all)
     "LR": 5e-5,
     "WARMUP_STEPS": 1000,
+    "WARMUP_RATIO": 0.0,           # unused: WARMUP_STEPS sets the warmup
     "EPOCHS": 10,                  # the code's value; the paper notes say 5
     "BATCH_SIZE": 32,              # per device
     "GRAD_ACCUM": 1,
     "GRAD_CLIP": 1.0,
+    "WEIGHT_DECAY": 0.0,           # AdamW weight decay; 0.0 is the current behaviour
     "MAX_LEN": 512,
     "MAX_INSTRUCTION_TOKENS": 128,
     "MAX_DOC_TOKENS": 128,
@@ -99,7 +101,8 @@ def main(argv=None):
     rows = read_or_build_rows(C["SFT_DATA"], ("instruction", "query", "doc"),
                               lambda: build_sft_data(C["TRAIN_TASKS"], C["DATA_ROOT"]), nonempty=("query", "doc"),
                               max_rows=C["MAX_EXAMPLES"], save=env_rank() == 0)
-    lm.run_sft(C, lambda tokenizer: encode(tokenizer, rows), desc="sftqg")
+    settings = declared(lm.SFTSettings, C)
+    lm.run_sft(C["BASE_MODEL"], C["OUT_DIR"], settings, lambda tokenizer: encode(tokenizer, rows), desc="sftqg")
     return 0
 
 

@@ -1,4 +1,6 @@
-"""Sharded, resumable document-level generation shared by qg_vllm.py and title_vllm.py.
+"""Sharded, resumable document-level generation shared by qg_vllm.py and title_vllm.py: `run` is
+their main and `run_shard` their shard mode; a script supplies only its rows for a chunk of
+documents, its output (Output) and its own flags.
 
 A shard is the documents `docs[pid::total_num]`. Its rows are appended, a chunk at a time, to
 `<shard>.partial` and renamed to the shard file only when every document is done, so a killed
@@ -23,8 +25,8 @@ from tqdm.auto import tqdm
 
 import devices
 import mair_config
-from file_io import DataError, add_jsonl, decode, iter_rows, read_jsonl, write_jsonl
-from prompts import GENERIC_INSTRUCTION
+from data import read_docs
+from file_io import DataError, add_jsonl, decode, read_jsonl, write_jsonl
 
 log = logging.getLogger("shards")
 
@@ -40,18 +42,29 @@ class IncompleteShards(RuntimeError):
 
 @dataclass
 class Generation:
-    """How a shard process generates (from its script's constants)."""
+    """How a shard process generates."""
     backend: str                    # auto | vllm | transformers
     batch_size: int                 # prompts per transformers generate call
     seed: int                       # the shard's seed is seed + pid
     gpu_memory_utilization: object  # each vLLM engine's share of GPU memory (None: vLLM's default)
     doc_words: int                  # documents cut to their first words, then tokens
     doc_tokens: int
+    chunk_docs: int                 # documents per resumable chunk
+
+
+@dataclass
+class Output:
+    """What a generation script writes for a corpus: `per_doc` rows per document, each naming its
+    document (`doc_key(row)`), merged into `path(corpus)` with the shard files beside it."""
+    path: object
+    per_doc: int
+    doc_key: object
+    report: object = None           # report(corpus): figures on a merged output (see quality.py)
 
 
 @dataclass
 class Launch:
-    """Which shards the launcher runs where (from its script's constants)."""
+    """Which shards the launcher runs where."""
     tasks: list
     total_num: int                  # shards per corpus (0: one per visible GPU, 1 on a CPU)
     pid_start: int                  # this node's range of shards, PID_START..PID_END (None: the last)
@@ -80,68 +93,6 @@ def prepare_docs(tokenizer, docs, gen):
     import lm
     return [{**d, "prepared": lm.truncate_tokens(tokenizer, lm.truncate_words(d["doc"], gen.doc_words),
                                                  gen.doc_tokens)} for d in docs]
-
-
-def iter_docs(docs_path):
-    """Stream (physical line, {"id": str, "doc": str}) over a docs.jsonl: a missing field or an empty
-    corpus is an error; documents with empty text are counted and warned about at the end."""
-    empty, examples, n = 0, [], 0
-    for n, row in iter_rows(docs_path, ("id", "doc")):
-        doc = {"id": str(row["id"]), "doc": row["doc"] if isinstance(row["doc"], str) else ""}
-        if not doc["doc"].strip():
-            empty += 1
-            examples += [f"{doc['id']} (line {n})"][:3 - len(examples)]
-        yield n, doc
-    if not n:
-        raise DataError(f"{docs_path}: empty corpus")
-    if empty:
-        log.warning("%s: %d document(s) with empty text, e.g. %s", docs_path, empty, ", ".join(examples))
-
-
-def read_docs(docs_path):
-    """Documents of a docs.jsonl (iter_docs), with duplicate ids an error."""
-    docs, seen = [], {}
-    for lineno, doc in iter_docs(docs_path):
-        if doc["id"] in seen:
-            raise DataError(f"{docs_path}:{lineno}: duplicate document id '{doc['id']}' (first on line "
-                            f"{seen[doc['id']]})")
-        seen[doc["id"]] = lineno
-        docs.append(doc)
-    return docs
-
-
-def task_instruction(docs_path):
-    """The task's instruction from its queries file (the MAIR-Queries twin of a MAIR-Docs docs path),
-    as in the original: a generic one when the first and last queries' instructions differ or are
-    empty, or when there is no queries file."""
-    where = mair_config.split_docs_path(docs_path)
-    if where is None:
-        log.warning("%s: not a MAIR-Docs/<task>/docs.jsonl path, so no queries file; using the generic "
-                    "instruction", docs_path)
-        return GENERIC_INSTRUCTION
-    queries_path = mair_config.queries_path(where[1], where[0])
-    if not os.path.exists(queries_path):
-        log.warning("%s: no queries file at %s; using the generic instruction", docs_path, queries_path)
-        return GENERIC_INSTRUCTION
-    first = last = None
-    n = without = 0
-    for _, row in iter_rows(queries_path):
-        last = row.get("instruction") or ""
-        first = last if first is None else first
-        n += 1
-        without += not last
-    empty = [name for name, value in (("first", first), ("last", last)) if not value]
-    if not n:
-        reason = "no queries"
-    elif empty:
-        reason = f"the {' and '.join(empty)} quer{'ies have' if len(empty) > 1 else 'y has'} no instruction"
-    elif first != last:
-        reason = "the first and last queries' instructions differ"
-    else:
-        return first
-    log.log(logging.WARNING if without else logging.INFO, "%s: %s (%d of %d queries without an instruction); "
-            "using the generic instruction", queries_path, reason, without, n)
-    return GENERIC_INSTRUCTION
 
 
 def shard_docs(docs, pid, total_num):
@@ -215,6 +166,22 @@ def generate_shard(docs, out_path, generate_chunk, per_doc, doc_key, chunk_size=
     os.remove(partial)
     log.info("%s: %d rows -> %s", desc, len(docs) * per_doc, out_path)
     return out_path
+
+
+def run_shard(script, gen, docs, data_name, pid, total_num, model_name, output, chunk_rows, note=""):
+    """Shard mode of a generation script: shard `pid` of `total_num` of a corpus's `docs` into its shard
+    file of `output`, resumable (generate_shard). `chunk_rows(generator, tokenizer, docs)` gives the rows
+    of a chunk of documents, each with the text for its prompt in "prepared"; `note` ends the log line."""
+    docs = shard_docs(docs, pid, total_num)
+    out = mair_config.shard_path(output.path(data_name), pid, total_num)
+    script_log = logging.getLogger(os.path.basename(script)[:-3])
+    script_log.info("%s shard %d/%d: %d documents%s -> %s", data_name, pid, total_num, len(docs), note, out)
+    generator, tokenizer = load_generator(model_name, gen, pid)
+
+    def chunk(batch):
+        return chunk_rows(generator, tokenizer, prepare_docs(tokenizer, batch, gen))
+
+    return generate_shard(docs, out, chunk, output.per_doc, output.doc_key, gen.chunk_docs, desc=f"{data_name} {pid}")
 
 
 def merge_shards(final_path, total_num, docs, per_doc, doc_key):
@@ -380,3 +347,21 @@ def launch_all(script, run, flags, final_path, per_doc, doc_key):
     if failed:
         log.error("not finished: %s (rerun to resume)", ", ".join(failed))
     return failed
+
+
+def run(script, launch_settings, args, shard, output, flags):
+    """A generation script's main, after parse_args. Shard mode (-total_num > 0): `shard(docs_path,
+    data_name, pid, total_num)`. Launcher mode: every shard of the corpora of TASKS (launch_all), each
+    given `flags` (the script's own) and this command line's overrides. Returns the exit status."""
+    if args.total_num > 0:
+        if not args.docs_path or not args.data_name:
+            raise SystemExit("shard mode (-total_num > 0) needs -docs_path and -data_name")
+        shard(args.docs_path, args.data_name, args.pid, args.total_num)
+        return 0
+    failed = launch_all(os.path.abspath(script), launch_settings, [*flags, *args.passthrough],
+                        output.path, output.per_doc, output.doc_key)
+    if output.report:
+        for corpus in mair_config.corpora_of(launch_settings.tasks):
+            if corpus not in failed and os.path.exists(output.path(corpus)):
+                output.report(corpus)
+    return 1 if failed else 0

@@ -6,22 +6,27 @@ Shard mode:
     -> dataset/MAIR-Data/gist_ids/SciFact/title-0-8.jsonl
 Launcher mode (`-total_num 0`, the default): the shards of every corpus of TASKS on the visible
 GPUs, one process per GPU at a time, merged into dataset/MAIR-Data/gist_ids/<corpus>/title.jsonl
-(`{"id", "gist"}` per document); several nodes as in qg_vllm.py (PID_START, PID_END, MERGE_ONLY).
+(`{"id", "gist", "raw"}` per document, `raw` being the generated text before normalising);
+several nodes as in qg_vllm.py (PID_START, PID_END, MERGE_ONLY). DocID figures (quality.py) go to
+<MODEL_SUFIX>.quality.json beside the merged file.
 
 Each generated DocID goes through the format normaliser (docids.py), which also drops words that
 do not come from the document and fills a DocID shorter than 6 words with the document's most
 distinctive terms; one that is empty after it is replaced by the extractive teacher's DocID and
 counted.
 """
+import functools
 import logging
-import os
 import sys
 
 import lm
 import mair_config
+import quality
 import shards
-from config import parse_args, setup_logging
+from config import declared, parse_args, setup_logging
+from data import read_docs
 from docids import ExtractiveTeacher, normalize_docid
+from file_io import read_jsonl
 from prompts import docid_prompt
 
 C = {
@@ -43,6 +48,7 @@ C = {
     "GPU_MEMORY_UTILIZATION": None,                    # GPU memory share per vLLM engine; None = vLLM's
                                                        #   default, one engine per GPU; 0.3 = 3 per GPU
     "SEED": 0,
+    "QUALITY_DOCS": 2000,                              # documents whose DocIDs are scored (quality.py; 0 = all)
     "DATA_ROOT": mair_config.DATA_ROOT,
     "LOG_DIR": "log",
 }
@@ -50,7 +56,7 @@ C = {
 log = logging.getLogger("title_vllm")
 
 
-def docid_rows(generator, tokenizer, docs, teacher):
+def docid_rows(teacher, generator, tokenizer, docs):
     prompts = [lm.chat_prompt_ids(tokenizer, docid_prompt(d["prepared"])) for d in docs]
     outputs = generator.generate(prompts, n=1, temperature=C["TEMPERATURE"], top_p=C["TOP_P"],
                                  max_tokens=C["MAX_TOKENS"], desc="docids")
@@ -60,36 +66,39 @@ def docid_rows(generator, tokenizer, docs, teacher):
         gist = normalize_docid(text, fill_terms=ranked, doc=d["doc"])
         if not gist:
             gist, fallback = teacher.docid(d["doc"]) or normalize_docid(d["id"]), fallback + 1
-        rows.append({"id": d["id"], "gist": gist})
+        rows.append({"id": d["id"], "gist": gist, "raw": text})
     if fallback:
         log.warning("%d of %d generated DocIDs were empty after normalising; used the extractive teacher",
                     fallback, len(docs))
     return rows
 
 
-def doc_key(row):
-    return row["id"]
+def output(model_sufix):
+    """One DocID per document (`gist`; `raw`: the generated text), in gist_ids/<corpus>/<MODEL_SUFIX>.jsonl."""
+    def path(corpus):
+        return mair_config.gist_path(corpus, model_sufix, C["DATA_ROOT"])
+    return shards.Output(path, 1, lambda row: row["id"], report=lambda corpus: write_quality(path(corpus), corpus))
 
 
-def final_path(corpus, model_sufix=None, num_q=None):
-    return mair_config.gist_path(corpus, model_sufix or C["MODEL_SUFIX"], C["DATA_ROOT"])
+def write_quality(path, corpus):
+    """DocID figures (quality.py) of QUALITY_DOCS documents, raw and normalised, beside the merged output."""
+    if quality.is_current(path):
+        return
+    docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
+    sample, raw, final = quality.sample_ids(docs, C["QUALITY_DOCS"], C["SEED"]), {}, {}
+    for row in read_jsonl(path):
+        if str(row["id"]) in sample:
+            raw[str(row["id"])], final[str(row["id"])] = row.get("raw", row["gist"]), row["gist"]
+    quality.write_report(path, quality.docid_report(docs, raw, final), corpus, "DocID")
 
 
-def gen(docs_path, data_name, pid, total_num, model_sufix, model_name, num_q=1):
+def gen(docs_path, data_name, pid, total_num, model_sufix, model_name):
     """Generate one shard of DocIDs."""
-    all_docs = shards.read_docs(docs_path)
-    docs = shards.shard_docs(all_docs, pid, total_num)
-    out = mair_config.shard_path(final_path(data_name, model_sufix), pid, total_num)
-    log.info("%s shard %d/%d: %d documents -> %s", data_name, pid, total_num, len(docs), out)
-    teacher = ExtractiveTeacher([d["doc"] for d in all_docs])
-    settings = shards.Generation(C["BACKEND"], C["BATCH_SIZE"], C["SEED"], C["GPU_MEMORY_UTILIZATION"],
-                                 C["DOC_WORDS"], C["DOC_TOKENS"])
-    generator, tokenizer = shards.load_generator(model_name, settings, pid)
-
-    def chunk(batch):
-        return docid_rows(generator, tokenizer, shards.prepare_docs(tokenizer, batch, settings), teacher)
-
-    return shards.generate_shard(docs, out, chunk, 1, doc_key, C["CHUNK_DOCS"], desc=f"{data_name} {pid}")
+    docs = read_docs(docs_path)
+    teacher = ExtractiveTeacher([d["doc"] for d in docs])
+    return shards.run_shard(__file__, declared(shards.Generation, C), docs, data_name, pid, total_num, model_name,
+                            output(model_sufix),
+                            functools.partial(docid_rows, teacher))
 
 
 def main(argv=None):
@@ -99,17 +108,9 @@ def main(argv=None):
     model_name = args.model_name or C["MODEL_NAME"]
     if args.num_q not in (None, 1):
         log.warning("-num_q %d ignored: one DocID per document", args.num_q)
-    if args.total_num > 0:
-        if not args.docs_path or not args.data_name:
-            raise SystemExit("shard mode (-total_num > 0) needs -docs_path and -data_name")
-        gen(args.docs_path, args.data_name, args.pid, args.total_num, model_sufix, model_name)
-        return 0
-    C.update(MODEL_SUFIX=model_sufix, MODEL_NAME=model_name)
-    run = shards.Launch(C["TASKS"], C["TOTAL_NUM"], C["PID_START"], C["PID_END"], C["MERGE_ONLY"],
-                        C["GPU_MEMORY_UTILIZATION"], C["DATA_ROOT"], C["LOG_DIR"])
-    flags = ["-model_sufix", model_sufix, "-model_name", model_name, *args.passthrough]
-    failed = shards.launch_all(os.path.abspath(__file__), run, flags, final_path, 1, doc_key)
-    return 1 if failed else 0
+    flags = ["-model_sufix", model_sufix, "-model_name", model_name]
+    shard = functools.partial(gen, model_sufix=model_sufix, model_name=model_name)
+    return shards.run(__file__, declared(shards.Launch, C), args, shard, output(model_sufix), flags)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 import bm25
 import lm
 import mair_config
+from data import iter_docs, task_instruction
 from file_io import DataError, decode, iter_rows, read_json, require_fields, write_json, write_jsonl
 from prompts import retrieval_prompt
-from shards import iter_docs, task_instruction
 
 log = logging.getLogger("train_data")
 

@@ -12,6 +12,7 @@ iterations per query. Prints its figures and, as its last line, one JSON object.
 """
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from decoding import TOP_K, TOP_P, PromptBatch, RowWarper, decode, reverse_annealed_temperatures
+import genir
+from decoding import PromptBatch, RowWarper, decode
 from prefix_tree import PrefixTree
 from reference_decoder import DictTrie, reference_decode
 
@@ -51,12 +53,12 @@ def random_docids(n, rng):
     return PrefixTree.from_arrays([f"doc{i}" for i in range(n)], tokens, lengths, VOCAB - 1)
 
 
-def unconstrained(model, prompts, temperatures, steps, seed):
+def unconstrained(model, prompts, settings, steps, seed):
     """The same sampling without a trie: per round one DocID per row, `steps` tokens long."""
     generator = torch.Generator(device=model.device).manual_seed(seed)
     batch = PromptBatch(model, prompts)
-    for t, n_steps in zip(temperatures, steps):
-        warper = RowWarper(float(t), TOP_K, TOP_P, model.device)
+    for t, n_steps in zip(settings.schedule(), steps):
+        warper = RowWarper(float(t), settings.top_k, settings.top_p, model.device)
         logits = batch.first_logits
         for depth in range(n_steps):
             tokens = warper.sample(logits, generator)
@@ -83,7 +85,9 @@ def main():
     tree = random_docids(args.docids, rng)
     prompts = [rng.integers(1, VOCAB - 2, rng.integers(PROMPT_LEN[0], PROMPT_LEN[1] + 1)).tolist()
                for _ in range(args.queries)]
-    temperatures = reverse_annealed_temperatures(args.K)
+    settings = genir.decode_settings(mode="reverse_annealed", K=args.K, batch_size=args.queries,
+                                     draws_per_round=args.draws_per_round)
+    temperatures = settings.schedule()
     print(f"model: random Llama {LAYERS} layers x {HIDDEN} wide, vocab {VOCAB}; {args.docids:,} DocIDs -> "
           f"{tree.n_leaves:,} leaves, {tree.n_nodes:,} nodes, depth {tree.max_depth}; {args.queries} queries, "
           f"K={args.K}; {torch.get_num_threads()} threads")
@@ -91,11 +95,10 @@ def main():
     forwards = [0]
     model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     with torch.inference_mode():
-        decode(model, tree, prompts[:4], K=2, progress=False)  # warm-up
+        decode(model, tree, prompts[:4], dataclasses.replace(settings, K=2), progress=False)  # warm-up
         forwards[0] = 0
         start = time.perf_counter()
-        results = decode(model, tree, prompts, K=args.K, batch_size=args.queries,
-                         draws_per_round=args.draws_per_round, progress=False)
+        results = decode(model, tree, prompts, settings, progress=False)
         batched = time.perf_counter() - start
         batched_forwards = forwards[0]
         # The same number of tokens without a trie: K rounds of equal-length DocIDs for every query.
@@ -103,7 +106,7 @@ def main():
         steps = np.diff(np.floor(np.arange(args.K + 1) * tokens / args.queries / args.K)).astype(int).clip(min=1)
         forwards[0] = 0
         start = time.perf_counter()
-        unconstrained(model, prompts, temperatures, steps, SEED)
+        unconstrained(model, prompts, settings, steps, SEED)
         free = time.perf_counter() - start
         free_forwards = forwards[0]
 
@@ -115,7 +118,7 @@ def main():
     start = time.perf_counter()
     for prompt in prompts[:args.ref_queries]:
         reference_decode(model, prompt, trie, picked, tree.max_depth, model.config.pad_token_id,
-                         top_k=TOP_K, top_p=TOP_P)
+                         top_k=settings.top_k, top_p=settings.top_p)
     measured = time.perf_counter() - start
     per_iteration = (measured / args.ref_queries - copy_seconds) / args.ref_iterations
     reference_per_query = copy_seconds + args.K * per_iteration

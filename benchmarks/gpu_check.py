@@ -65,14 +65,16 @@ def random_prompts(n, vocab, rng, length=(24, 64)):
 def check_training(device, tmp, smoke):
     """Loss falls over two epochs; a third epoch resumes from the newest checkpoint."""
     docs = read_jsonl(mair_config.docs_path("PyDoc-Sys"))[:64 if smoke else 512]
-    cfg = {"lr": 2e-3, "batch_size": 16, "warmup_steps": 0, "epochs": 2, "seed": SEED, "keep_checkpoints": 1}
+    cfg = {"lr": 2e-3, "batch_size": 16, "warmup_steps": 0, "epochs": 2, "seed": SEED, "keep_checkpoints": 1,
+           "grad_accum": 1, "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "log_every": 10, "wandb": None,
+           "wandb_project": "zerogr", "dist_timeout": 1800}
     out = os.path.join(tmp, "sft")
 
     def train(epochs):
         model, tokenizer, resume = lm.load_for_training(build_tiny.OUT_DIR, out)
         examples = [lm.encode_example(tokenizer, lm.truncate_words(d["doc"], 48), d["id"], 128) for d in docs]
-        summary = lm.train_sft(model, tokenizer, examples, out, dict(cfg, epochs=epochs), resume_from=resume,
-                               desc="gpu_check")
+        summary = lm.train_sft(model, tokenizer, examples, out, lm.SFTSettings(**dict(cfg, epochs=epochs)),
+                               resume_from=resume, desc="gpu_check")
         return model, summary
 
     started = time.time()
@@ -99,12 +101,12 @@ def check_decoding(device, smoke):
     reference = random_model(shape, "cpu", torch.float32)
     out = {}
     for mode in MODES:
-        kw = {"mode": mode, "K": 10, "num_beams": 10, "progress": False, "seed": SEED}
-        cpu = decode(reference, tree, prompts, **kw)
+        settings = genir.decode_settings(mode=mode, K=10, num_beams=10, seed=SEED)
+        cpu = decode(reference, tree, prompts, settings, progress=False)
         row = {}
         for dtype in (torch.float32, torch.bfloat16):
             model = random_model(shape, device, dtype)
-            got = decode(model, tree, prompts, **kw)
+            got = decode(model, tree, prompts, settings, progress=False)
             valid = all(len(set(r.leaves)) == len(r.leaves) > 0 for r in got)
             row[str(dtype).replace("torch.", "")] = {"agreement": round(_agreement(cpu, got), 3), "valid": valid}
         row["ok"] = row["float32"]["valid"] and row["bfloat16"]["valid"] and row["float32"]["agreement"] >= 0.75
@@ -144,7 +146,8 @@ def check_throughput(device, smoke):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        found = decode(model, tree, prompts, mode="reverse_annealed", K=K, batch_size=batch, progress=False)
+        found = decode(model, tree, prompts, genir.decode_settings(mode="reverse_annealed", K=K, batch_size=batch),
+                       progress=False)
         if device != "cpu":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

@@ -60,7 +60,7 @@ def test_bad_value_stops_genir_before_any_model_is_loaded(tmp_path):
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "m")
 
 
-@pytest.mark.parametrize("config", ["configs/demo.json", "configs/paper.json"])
+@pytest.mark.parametrize("config", ["configs/demo.json", "configs/paper.json", "configs/smol.json"])
 def test_shipped_configs_match_every_scripts_types(config):
     for script in SCRIPTS:
         module = importlib.import_module(script)

@@ -1,4 +1,5 @@
 """Batched trie-constrained decoding against a plain per-query reference on the tiny model."""
+import dataclasses
 import re
 
 import numpy as np
@@ -9,13 +10,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorLis
 import decoding
 import file_io
 import mair_config
-from decoding import TrieLogitsProcessor, decode, reverse_annealed_temperatures
+from decoding import DecodeSettings, TrieLogitsProcessor, decode, reverse_annealed_temperatures
 from device_trie import DeviceTrie, Removals, _live_candidates, _RootCandidates
 from prefix_tree import PrefixTree
 from reference_decoder import DictTrie, reference_decode, shortest_unique_paths
 
 TASK = "PyDoc-Net"
 N_DOCS, N_QUERIES, K = 300, 5, 15
+# The paper's decoding settings (genir's defaults), which each test changes where it needs to.
+PAPER = DecodeSettings(mode="reverse_annealed", K=100, slope=10.0, midpoint=0.1, t_max=1.5, top_k=50, top_p=0.9,
+                       nucleus_temperature=1.0, num_beams=None, beam_token_budget=1 << 17, draws_per_round=1,
+                       max_results=100, batch_size=32, seed=0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,23 +66,28 @@ def reference(setup):
             for p in setup.prompts]
 
 
+def settings(**changes):
+    """The PAPER settings with `changes`."""
+    return dataclasses.replace(PAPER, **changes)
+
+
 def paths_of(tree, results):
     return [[tuple(tree.leaf_tokens(leaf)) for leaf in r.leaves] for r in results]
 
 
 def test_schedule():
-    t = reverse_annealed_temperatures()
+    t = PAPER.schedule()
     assert len(t) == 100 and t[0] == 0.0
     assert np.all(np.diff(t) > 0)
     assert [round(float(t[i]), 3) for i in (10, 20, 99)] == [0.474, 0.948, 1.5]
-    assert decoding.annealed_temperature(100) == pytest.approx(1.5)
+    assert decoding.annealed_temperature(100, PAPER.K, PAPER.slope, PAPER.midpoint, PAPER.t_max) == pytest.approx(1.5)
     assert decoding.annealed_temperature(7, K=7, k=3, m=0.4, t_max=2.0) == pytest.approx(2.0)
-    assert reverse_annealed_temperatures(K=10, t_max=0.0).max() == 0.0
+    assert reverse_annealed_temperatures(K=10, k=PAPER.slope, m=PAPER.midpoint, t_max=0.0).max() == 0.0
 
 
 def test_iterative_greedy_matches_reference(setup, reference):
-    results = decode(setup.model, setup.tree, setup.prompts, mode="iterative_greedy", K=K, batch_size=3,
-                     max_results=20, progress=False)
+    results = decode(setup.model, setup.tree, setup.prompts,
+                     settings(mode="iterative_greedy", K=K, batch_size=3, max_results=20), progress=False)
     assert paths_of(setup.tree, results) == reference
     for result, ref_paths in zip(results, reference):
         expected = [doc for path in ref_paths for doc in setup.paths[path]][:20]
@@ -87,25 +97,26 @@ def test_iterative_greedy_matches_reference(setup, reference):
 
 @pytest.mark.parametrize("draws", [1, 3])
 def test_reverse_annealed_at_zero_temperature_matches_reference(setup, reference, draws):
-    results = decode(setup.model, setup.tree, setup.prompts, mode="reverse_annealed", K=K, t_max=0.0,
-                     draws_per_round=draws, progress=False)
+    results = decode(setup.model, setup.tree, setup.prompts,
+                     settings(mode="reverse_annealed", K=K, t_max=0.0, draws_per_round=draws), progress=False)
     assert paths_of(setup.tree, results) == reference
 
 
 def test_frequent_cache_crops_do_not_change_results(setup, reference, monkeypatch):
     monkeypatch.setattr(decoding, "COLUMN_BUDGET", 2)
-    results = decode(setup.model, setup.tree, setup.prompts, mode="iterative_greedy", K=K, progress=False)
+    results = decode(setup.model, setup.tree, setup.prompts, settings(mode="iterative_greedy", K=K), progress=False)
     assert paths_of(setup.tree, results) == reference
 
 
 def test_greedy_is_the_first_reference_docid(setup, reference):
-    results = decode(setup.model, setup.tree, setup.prompts, mode="greedy", progress=False)
+    results = decode(setup.model, setup.tree, setup.prompts, settings(mode="greedy"), progress=False)
     assert paths_of(setup.tree, results) == [r[:1] for r in reference]
 
 
 def test_sampling_is_valid_and_reproducible(setup, reference):
     def run(seed, draws=1):
-        return decode(setup.model, setup.tree, setup.prompts, K=K, seed=seed, draws_per_round=draws, progress=False)
+        return decode(setup.model, setup.tree, setup.prompts, settings(K=K, seed=seed, draws_per_round=draws),
+                      progress=False)
 
     first, again, other = run(0), run(0), run(1)
     assert [r.leaves for r in first] == [r.leaves for r in again]
@@ -115,7 +126,7 @@ def test_sampling_is_valid_and_reproducible(setup, reference):
             assert len(result.leaves) == K == len(set(result.leaves))
             assert tuple(setup.tree.leaf_tokens(result.leaves[0])) == ref_paths[0]  # t_0 = 0: greedy
             assert all(tuple(setup.tree.leaf_tokens(leaf)) in setup.paths for leaf in result.leaves)
-    nucleus = decode(setup.model, setup.tree, setup.prompts, mode="nucleus", K=K, progress=False)
+    nucleus = decode(setup.model, setup.tree, setup.prompts, settings(mode="nucleus", K=K), progress=False)
     assert all(len(r.leaves) == K == len(set(r.leaves)) for r in nucleus)
 
 
@@ -123,12 +134,13 @@ def test_sampling_is_valid_and_reproducible(setup, reference):
 def test_a_query_draws_the_same_docids_in_any_batch(setup, mode):
     """Sampling noise depends on the query's key, not on its batch: sharding cannot change results."""
     keys = [f"q{i}" for i in range(len(setup.prompts))]
-    whole = decode(setup.model, setup.tree, setup.prompts, mode=mode, K=K, keys=keys, progress=False)
+    whole = decode(setup.model, setup.tree, setup.prompts, settings(mode=mode, K=K), keys=keys, progress=False)
     order = list(reversed(range(len(setup.prompts))))
-    split = decode(setup.model, setup.tree, [setup.prompts[i] for i in order], mode=mode, K=K,
-                   keys=[keys[i] for i in order], batch_size=2, progress=False)
+    split = decode(setup.model, setup.tree, [setup.prompts[i] for i in order], settings(mode=mode, K=K, batch_size=2),
+                   keys=[keys[i] for i in order], progress=False)
     assert [whole[i].leaves for i in order] == [r.leaves for r in split]
-    other = decode(setup.model, setup.tree, setup.prompts, mode=mode, K=K, keys=keys, seed=1, progress=False)
+    other = decode(setup.model, setup.tree, setup.prompts, settings(mode=mode, K=K, seed=1), keys=keys,
+                   progress=False)
     assert [r.leaves for r in whole] != [r.leaves for r in other]
 
 
@@ -146,7 +158,8 @@ def test_counter_uniform_is_uniform_and_keyed():
                                         ("reverse_annealed", 4), ("beam", 1)])
 def test_exhaustion_returns_every_leaf_once(setup, mode, draws):
     tree = setup.small_tree(12)
-    results = decode(setup.model, tree, setup.prompts[:3], mode=mode, K=30, draws_per_round=draws, progress=False)
+    results = decode(setup.model, tree, setup.prompts[:3], settings(mode=mode, K=30, draws_per_round=draws),
+                     progress=False)
     for result in results:
         assert sorted(result.leaves) == list(range(tree.n_leaves))
         assert sorted(doc for doc, _ in result.ranking) == sorted(doc for doc, _ in setup.pairs[:12])
@@ -165,13 +178,13 @@ def sequence_logprobs(model, prompt, paths):
 def test_beam_search_finds_the_best_docids(setup):
     """With at least as many beams as leaves nothing is pruned: the top K by log-prob come out."""
     tree = setup.small_tree(40)
-    results = decode(setup.model, tree, setup.prompts[:2], mode="beam", K=8, num_beams=tree.n_leaves,
+    results = decode(setup.model, tree, setup.prompts[:2], settings(mode="beam", K=8, num_beams=tree.n_leaves),
                      progress=False)
     for prompt, result in zip(setup.prompts[:2], results):
         with torch.no_grad():
             scores = sequence_logprobs(setup.model, prompt, [tree.leaf_tokens(i) for i in range(tree.n_leaves)])
         assert result.leaves == sorted(range(tree.n_leaves), key=lambda i: -scores[i])[:8]
-    narrow = decode(setup.model, tree, setup.prompts[:2], mode="beam", K=8, num_beams=4, progress=False)
+    narrow = decode(setup.model, tree, setup.prompts[:2], settings(mode="beam", K=8, num_beams=4), progress=False)
     assert all(0 < len(r.leaves) <= 8 and len(set(r.leaves)) == len(r.leaves) for r in narrow)  # up to K
 
 
@@ -185,8 +198,9 @@ def test_beam_search_in_chunks_within_the_token_budget(setup, monkeypatch):
 
     def run(budget):
         chunks.clear()
-        return [r.leaves for r in decode(setup.model, tree, setup.prompts, mode="beam", K=8, num_beams=beams,
-                                         beam_token_budget=budget, progress=False)]
+        return [r.leaves for r in decode(setup.model, tree, setup.prompts,
+                                         settings(mode="beam", K=8, num_beams=beams, beam_token_budget=budget),
+                                         progress=False)]
 
     whole = run(None)
     assert [n for n, _ in chunks] == [len(setup.prompts)]
@@ -283,21 +297,21 @@ def test_sparse_candidates_match_the_dense_mask(width):
 
 def test_bad_arguments(setup):
     with pytest.raises(ValueError, match="unknown decoding mode"):
-        decode(setup.model, setup.tree, setup.prompts, mode="topk")
+        decode(setup.model, setup.tree, setup.prompts, settings(mode="topk"))
     with pytest.raises(ValueError, match="positive"):
-        decode(setup.model, setup.tree, setup.prompts, K=0)
+        decode(setup.model, setup.tree, setup.prompts, settings(K=0))
     with pytest.raises(ValueError, match="vocabulary"):
-        decode(setup.model, DeviceTrie(setup.tree, setup.model.config.vocab_size + 1), setup.prompts)
-    assert decode(setup.model, setup.tree, [], progress=False) == []
+        decode(setup.model, DeviceTrie(setup.tree, setup.model.config.vocab_size + 1), setup.prompts, settings())
+    assert decode(setup.model, setup.tree, [], settings(), progress=False) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16(setup, reference):
     model = AutoModelForCausalLM.from_pretrained(setup.model.name_or_path, dtype=torch.float32).to("cuda")
-    greedy = decode(model, setup.tree, setup.prompts, mode="iterative_greedy", K=K, progress=False)
+    greedy = decode(model, setup.tree, setup.prompts, settings(mode="iterative_greedy", K=K), progress=False)
     assert paths_of(setup.tree, greedy) == reference
     model = model.to(torch.bfloat16)
-    sampled = decode(model, setup.tree, setup.prompts, K=K, draws_per_round=2, progress=False)
+    sampled = decode(model, setup.tree, setup.prompts, settings(K=K, draws_per_round=2), progress=False)
     assert all(len(r.leaves) == K == len(set(r.leaves)) for r in sampled)
-    beams = decode(model, setup.tree, setup.prompts, mode="beam", K=K, progress=False)
+    beams = decode(model, setup.tree, setup.prompts, settings(mode="beam", K=K), progress=False)
     assert all(0 < len(r.leaves) <= K and len(set(r.leaves)) == len(r.leaves) for r in beams)

@@ -5,13 +5,13 @@ import stat
 
 import pytest
 
+import data
 import file_io
 import lm
 import mair_config as mc
 import metrics
 import sftid
 import sftqg
-import shards
 from file_io import DataError
 from prompts import GENERIC_INSTRUCTION
 
@@ -35,7 +35,7 @@ def test_errors_name_the_physical_line_after_blank_lines(tmp_path):
     with pytest.raises(DataError, match=r"docs\.jsonl:7: missing field 'doc'"):
         list(file_io.iter_rows(path, ("id", "doc")))
     with pytest.raises(DataError, match=r"docs\.jsonl:7: missing field 'doc'"):
-        shards.read_docs(path)
+        data.read_docs(path)
     bad_json = _write(tmp_path / "q.jsonl", BLANKS_THEN_BAD.replace('{"id": "3"}', '{"id": "3"'))
     with pytest.raises(DataError, match=r"q\.jsonl:7: malformed JSON"):
         file_io.read_jsonl(bad_json)
@@ -106,7 +106,7 @@ def test_sft_scripts_train_only_on_nonempty_rows(tmp_path, monkeypatch, caplog, 
     file_io.write_jsonl(rows, path)
     trained = []
     monkeypatch.setattr(script, "C", dict(script.C))
-    monkeypatch.setattr(lm, "run_sft", lambda C, encode, desc: trained.append(encode))
+    monkeypatch.setattr(lm, "run_sft", lambda base_model, out_dir, settings, encode, desc: trained.append(encode))
     monkeypatch.setattr(script, "encode", lambda tokenizer, rows: rows)
     with caplog.at_level(logging.WARNING, logger="file_io"):
         script.main([f"--SFT_DATA={path}"])
@@ -149,8 +149,8 @@ def _instruction_with(root, instructions, caplog):
     file_io.write_jsonl([{"qid": str(i), "instruction": text, "query": "q", "labels": []}
                          for i, text in enumerate(instructions)], mc.queries_path("PyDoc-Net", root))
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="shards"):
-        return shards.task_instruction(mc.docs_path("PyDoc-Net", root))
+    with caplog.at_level(logging.INFO, logger="data"):
+        return data.task_instruction(mc.docs_path("PyDoc-Net", root))
 
 
 def test_task_instruction_says_which_rule_applied(layout, caplog):
@@ -168,8 +168,8 @@ def test_task_instruction_says_which_rule_applied(layout, caplog):
 
 def test_task_instruction_outside_the_mair_layout_is_generic_with_a_warning(tmp_path, caplog):
     path = _write(tmp_path / "corpus" / "docs.jsonl", '{"id": "1", "doc": "x"}\n')
-    with caplog.at_level(logging.WARNING, logger="shards"):
-        assert shards.task_instruction(path) == GENERIC_INSTRUCTION
+    with caplog.at_level(logging.WARNING, logger="data"):
+        assert data.task_instruction(path) == GENERIC_INSTRUCTION
     assert "not a MAIR-Docs/<task>/docs.jsonl path" in caplog.text
     assert mc.split_docs_path(mc.docs_path("T", "/r")) == ("/r", "T")
     assert mc.split_docs_path("/r/MAIR-Docs/T/other.jsonl") is None

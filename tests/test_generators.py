@@ -1,5 +1,6 @@
 """Query and DocID generators: shared LM plumbing, SFT, sharded generation, the vLLM seam.
 The launcher's device handling is in test_launcher.py."""
+import dataclasses
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import types
 
 import pytest
 
+import data
 import devices
 import generation
 import lm
@@ -19,10 +21,17 @@ import sftid
 import sftqg
 from config import parse_args
 from docids import ExtractiveTeacher, normalize_docid
-from file_io import DataError, read_jsonl, read_rows, write_json, write_jsonl
+from file_io import DataError, read_json, read_jsonl, read_rows, write_json, write_jsonl
 from prompts import GENERIC_INSTRUCTION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sft_settings(**values):
+    """SFT settings for the tiny model: `values` over the scripts' usual ones."""
+    return lm.SFTSettings(**{"grad_accum": 1, "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": 0,
+                             "log_every": 10, "wandb": None, "wandb_project": "zerogr", "keep_checkpoints": 0,
+                             "dist_timeout": 1800, **values})
 
 
 @pytest.fixture()
@@ -58,7 +67,7 @@ def test_sft_lowers_the_loss_and_the_checkpoint_reloads_and_generates(tmp_path, 
     model, tok = lm.load_model(tiny_model_path)
     examples = sftqg.encode(tok, rows)
     out = str(tmp_path / "qg")
-    cfg = {"lr": 3e-3, "epochs": 4, "batch_size": 16, "warmup_steps": 2, "seed": 0}
+    cfg = sft_settings(lr=3e-3, epochs=4, batch_size=16, warmup_steps=2)
     summary = lm.train_sft(model, tok, examples, out, cfg, desc="test")
     losses = [h["loss"] for h in summary["history"]]
     assert losses[-1] < 0.8 * losses[0]
@@ -73,13 +82,14 @@ def test_sft_lowers_the_loss_and_the_checkpoint_reloads_and_generates(tmp_path, 
 def test_training_resumes_from_the_newest_checkpoint(tmp_path, tiny_model_path, demo_root):
     rows = sftqg.build_sft_data(["PyCode-Text"], demo_root)[:16]
     out = str(tmp_path / "qg")
-    cfg = {"lr": 1e-3, "epochs": 1, "batch_size": 8, "warmup_steps": 0}
+    cfg = sft_settings(lr=1e-3, epochs=1, batch_size=8, warmup_steps=0)
     model, tok = lm.load_model(tiny_model_path)
     lm.train_sft(model, tok, sftqg.encode(tok, rows), out, cfg)
     os.remove(os.path.join(out, "training_complete.json"))
     model, tok, resume = lm.load_for_training(tiny_model_path, out)
     assert resume.endswith("checkpoint-epoch1")
-    summary = lm.train_sft(model, tok, sftqg.encode(tok, rows), out, {**cfg, "epochs": 2}, resume_from=resume)
+    summary = lm.train_sft(model, tok, sftqg.encode(tok, rows), out, dataclasses.replace(cfg, epochs=2),
+                           resume_from=resume)
     assert [h["epoch"] for h in summary["history"]] == [1, 2] and summary["global_step"] == 4
 
 
@@ -117,23 +127,23 @@ def test_read_docs_validates(tmp_path, caplog):
     path = str(tmp_path / "MAIR-Docs" / "T" / "docs.jsonl")
     write_jsonl([{"id": 1, "doc": "x"}, {"id": "2", "doc": ""}], path)
     with caplog.at_level(logging.WARNING):
-        docs = shards.read_docs(path)
+        docs = data.read_docs(path)
     assert [d["id"] for d in docs] == ["1", "2"] and "empty text" in caplog.text
     write_jsonl([{"id": "1", "doc": "x"}, {"id": "1", "doc": "y"}], path)
     with pytest.raises(DataError, match="duplicate document id '1'"):
-        shards.read_docs(path)
+        data.read_docs(path)
     write_jsonl([{"id": "1"}], path)
     with pytest.raises(DataError, match=r"docs\.jsonl:1: missing field 'doc'"):
-        shards.read_docs(path)
+        data.read_docs(path)
 
 
 def test_instruction_comes_from_the_queries_file(small_corpus, caplog):
     root, _ = small_corpus
     path = mc.docs_path("PyDoc-Net", root)
-    assert shards.task_instruction(path).startswith("A user describes")
+    assert data.task_instruction(path).startswith("A user describes")
     os.remove(mc.queries_path("PyDoc-Net", root))
     with caplog.at_level(logging.WARNING):
-        assert shards.task_instruction(path) == GENERIC_INSTRUCTION
+        assert data.task_instruction(path) == GENERIC_INSTRUCTION
     assert "no queries file" in caplog.text
 
 
@@ -261,8 +271,14 @@ def test_launcher_runs_shards_merges_and_skips_finished(small_corpus, tiny_model
     rows = read_jsonl(mc.gist_path("PyDoc-Net", root=root))
     assert [r["id"] for r in rows] == [d["id"] for d in docs[0::2]] + [d["id"] for d in docs[1::2]]
     assert all(r["gist"] and r["gist"] == normalize_docid(r["gist"]) for r in rows)
+    report = mc.gist_path("PyDoc-Net", root=root)[:-len(".jsonl")] + ".quality.json"
+    figures = read_json(report)
+    assert figures["final"]["documents"] == len(docs) and 0 <= figures["raw"]["collision_rate"] <= 1
+    assert figures["final"]["in_document_share"] > 0.5  # the normaliser keeps words derivable from the document
+    written = os.path.getmtime(report)
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "exists, skipped" in again.stderr
+    assert os.path.getmtime(report) == written  # figures of an unchanged output are not recomputed
 
 
 def test_two_process_training_under_accelerate_launch(tmp_path, tiny_model_path, demo_root):

@@ -1,0 +1,118 @@
+"""Generator quality that needs no labels and no GPU: do a document's pseudo-queries point back to
+it, are they varied, and do the DocIDs tell documents apart with the document's own words.
+
+qg_vllm.py and title_vllm.py write these figures per corpus next to their output
+(`quality.json`); genir.py copies them into results.md; benchmarks/generator_quality.py compares
+generators with them.
+"""
+import logging
+import os
+import random
+import re
+from collections import Counter
+
+import bm25
+from file_io import read_json, write_json
+
+log = logging.getLogger("quality")
+
+WORD = re.compile(r"\w+")
+# Fixed BM25 for self-retrieval, whatever the baseline's switches: no stemming, English stopwords.
+SELF_RETRIEVAL_STEMMER = None
+
+QUERY_DEFINITIONS = {
+    "self_retrieval": "mean over documents of the share of its pseudo-queries for which BM25 over the corpus "
+                      "(no stemming, English stopwords) ranks the document first",
+    "duplicate_share": "1 - unique / total, over each document's own pseudo-queries (case and spacing ignored)",
+    "mean_words": "mean words per pseudo-query",
+}
+DOCID_DEFINITIONS = {
+    "collision_rate": "share of documents whose DocID another document also has (case and spacing ignored)",
+    "mean_words": "mean words per DocID",
+    "in_document_share": "share of DocID words (lower case) that occur in the document",
+}
+
+
+def words(text):
+    return WORD.findall(str(text).lower())
+
+
+def _key(text):
+    return " ".join(words(text))
+
+
+def query_quality(docs, queries):
+    """Pseudo-query figures of a corpus. `docs`: rows {"id", "doc"}; `queries`: {doc id: [query]}."""
+    flat = [(doc_id, q) for doc_id, qs in queries.items() for q in qs if str(q).strip()]
+    total = sum(len(qs) for qs in queries.values())
+    unique = sum(len({_key(q) for q in qs}) for qs in queries.values())
+    hits = Counter()
+    if flat:
+        index = bm25.BM25Index(docs, stemmer=SELF_RETRIEVAL_STEMMER)
+        for (doc_id, _), top in zip(flat, index.search([q for _, q in flat], k=1)):
+            hits[doc_id] += bool(top) and str(top[0]) == str(doc_id)
+    shares = [hits[doc_id] / len(qs) for doc_id, qs in queries.items() if qs]
+    return {
+        "documents": len(queries),
+        "queries": total,
+        "self_retrieval": sum(shares) / len(shares) if shares else 0.0,
+        "duplicate_share": 1 - unique / total if total else 0.0,
+        "mean_words": sum(len(words(q)) for qs in queries.values() for q in qs) / total if total else 0.0,
+        "definitions": QUERY_DEFINITIONS,
+    }
+
+
+def docid_quality(docs, docids):
+    """DocID figures of a corpus. `docs`: rows {"id", "doc"}; `docids`: {doc id: DocID text}."""
+    texts = {str(d["id"]): d["doc"] for d in docs}
+    keys = Counter(_key(g) for g in docids.values())
+    collided = sum(keys[_key(g)] > 1 for g in docids.values())
+    found = total = 0
+    for doc_id, gist in docids.items():
+        vocabulary = set(words(texts.get(str(doc_id), "")))
+        gist_words = words(gist)
+        found += sum(w in vocabulary for w in gist_words)
+        total += len(gist_words)
+    n = len(docids)
+    return {
+        "documents": n,
+        "collision_rate": collided / n if n else 0.0,
+        "mean_words": total / n if n else 0.0,
+        "in_document_share": found / total if total else 0.0,
+    }
+
+
+def docid_report(docs, raw, final):
+    """DocID figures on the generated text (`raw`) and after post-processing (`final`)."""
+    return {"raw": docid_quality(docs, raw), "final": docid_quality(docs, final), "definitions": DOCID_DEFINITIONS}
+
+
+def report_path(output_path):
+    """`<dir>/<name>.jsonl` -> `<dir>/<name>.quality.json`."""
+    return os.path.splitext(output_path)[0] + ".quality.json"
+
+
+def sample_ids(docs, n, seed):
+    """At most `n` document ids (all when n is 0 or the corpus is smaller), drawn with `seed`."""
+    ids = [str(d["id"]) for d in docs]
+    return set(ids if not n or n >= len(ids) else random.Random(seed).sample(ids, n))
+
+
+def is_current(output_path):
+    """Whether the output's figures exist and are newer than the output."""
+    path = report_path(output_path)
+    return os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(output_path)
+
+
+def write_report(output_path, figures, corpus, what):
+    """Save the figures beside the output and log them."""
+    path = report_path(output_path)
+    write_json(figures, path)
+    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items() if k != "definitions"}
+    log.info("%s %s quality: %s -> %s", corpus, what, shown, path)
+    return path
+
+
+def read_report(output_path):
+    path = report_path(output_path)
+    return read_json(path) if os.path.exists(path) else None
