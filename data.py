@@ -1,17 +1,25 @@
-"""Reading the pipeline's inputs: corpora (docs.jsonl) and a task's instruction from its queries file.
+"""Reading the pipeline's inputs and building its training rows: corpora (docs.jsonl), a task's
+instruction, queries and qrels from its queries file, DocID files, and the rows the models learn
+from (the two SFT sets, document-as-query passages).
 
-The ground floor under the scripts: it imports only file_io, mair_config, prompts and the standard
-library. The other readers (queries, DocIDs, training rows) are to move here too.
+The ground floor under the scripts: it imports only file_io, mair_config, prompts, docids and the
+standard library.
 """
 import logging
 import os
+import random
 
 import mair_config
-from file_io import DataError, iter_rows
-from prompts import GENERIC_INSTRUCTION
+from docids import ExtractiveTeacher, normalize_docid
+from file_io import DataError, is_blank, iter_rows, read_rows, warn_skipped
+from prompts import DOCID_RULES, GENERIC_INSTRUCTION
 
 log = logging.getLogger("data")
 
+N_EXAMPLES = 5                # unknown-label examples kept in a qrels report
+
+
+# ----------------------------------------------------------------------------- corpora
 
 def iter_docs(docs_path):
     """Stream (physical line, {"id": str, "doc": str}) over a docs.jsonl: a missing field or an empty
@@ -73,3 +81,193 @@ def task_instruction(docs_path):
     log.log(logging.WARNING if without else logging.INFO, "%s: %s (%d of %d queries without an instruction); "
             "using the generic instruction", queries_path, reason, without, n)
     return GENERIC_INSTRUCTION
+
+
+# ----------------------------------------------------------------------------- DocIDs
+
+def docid_warnings(path, unknown, missing, n_docs, examples):
+    """The warnings of a DocID file that names `unknown` ids outside the corpus and misses `missing`
+    of its `n_docs` documents (`examples`: some of their ids)."""
+    return [text for text, count in (
+        (f"{path}: {unknown} DocIDs for documents not in the corpus, ignored", unknown),
+        (f"{path}: {missing} of {n_docs} documents have no DocID and cannot be retrieved, e.g. "
+         f"{', '.join(examples[:3])}", missing)) if count]
+
+
+def load_docids(path, docs, corpus):
+    """({doc id: DocID text}, warnings) of the DocID file at `path` (JSONL {"id", "gist"}) over the
+    documents `docs` of `corpus`; documents without a DocID are counted and left out, DocIDs of
+    unknown documents ignored (both warned about). No file is a DataError."""
+    if not os.path.exists(path):
+        raise DataError(f"{corpus}: no DocIDs at {path} (run title_vllm.py first)")
+    known = {d["id"] for d in docs}
+    gists, unknown = {}, 0
+    for row in read_rows(path, ("id", "gist")):
+        if str(row["id"]) in known:
+            gists[str(row["id"])] = row["gist"]
+        else:
+            unknown += 1
+    missing = [d["id"] for d in docs if not str(gists.get(d["id"], "")).strip()]
+    warnings = docid_warnings(path, unknown, len(missing), len(docs), missing)
+    for w in warnings:
+        log.warning(w)
+    return {k: v for k, v in gists.items() if v.strip()}, warnings
+
+
+# ----------------------------------------------------------------------------- queries and qrels
+
+def qrels_from_queries(queries, doc_ids=None, source=None, lines=None, drop_no_relevant=False):
+    """Qrels {qid: {doc_id: int score}} from MAIR query rows, and a report of data problems.
+
+    Labels with score <= 0 stay as judged non-relevant (as in trec_eval). If `doc_ids` (the corpus
+    ids) is given, labels naming documents missing from the corpus are counted and logged; they
+    stay in the qrels, so such queries count against recall and the report says how many.
+    Queries with empty text or no relevant label are kept and counted too; with `drop_no_relevant`
+    (the BEIR convention) the latter leave the qrels, so no average counts them. `lines` (the physical
+    line of each row in `source`) lets errors name the line rather than the row number.
+    """
+    source = source or "queries"
+    known = set(doc_ids) if doc_ids is not None else None
+    qrels, unknown_examples = {}, []
+    report = {"source": source, "queries": 0, "labels": 0, "empty_query": 0, "no_relevant": 0,
+              "unknown_labels": 0, "all_labels_unknown": 0, "unknown_examples": unknown_examples}
+    for i, row in enumerate(queries):
+        where = f"{source}:{lines[i]}" if lines else f"{source}: query row {i}"
+        if "qid" not in row or "labels" not in row:
+            raise DataError(f"{where}: missing field 'qid' or 'labels'")
+        qid = str(row["qid"])
+        if qid in qrels:
+            raise DataError(f"{where}: duplicate qid '{qid}'")
+        rels = {}
+        for label in row["labels"]:
+            try:
+                doc, score = str(label["id"]), int(label["score"])
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{where}: label {label!r} needs an 'id' and an integer 'score'") from None
+            rels[doc] = max(score, rels.get(doc, score))
+        qrels[qid] = rels
+        report["queries"] += 1
+        report["labels"] += len(rels)
+        report["empty_query"] += not str(row.get("query") or "").strip()
+        report["no_relevant"] += not any(s > 0 for s in rels.values())
+        if known is not None:
+            unknown = [d for d in rels if d not in known]
+            report["unknown_labels"] += len(unknown)
+            report["all_labels_unknown"] += bool(rels) and len(unknown) == len(rels)
+            unknown_examples.extend(f"{qid} -> {d}" for d in unknown[:N_EXAMPLES - len(unknown_examples)])
+    if report["unknown_labels"]:
+        log.warning("%s: %d of %d labels name documents missing from the corpus (%d queries have "
+                    "no known label); kept, they count as not retrieved. e.g. %s", source,
+                    report["unknown_labels"], report["labels"], report["all_labels_unknown"],
+                    ", ".join(unknown_examples))
+    if report["empty_query"]:
+        log.warning("%s: %d queries have empty text", source, report["empty_query"])
+    if report["no_relevant"]:
+        log.warning("%s: %d queries have no relevant label; %s", source, report["no_relevant"],
+                    "left out of the qrels" if drop_no_relevant else "they score 0")
+    if drop_no_relevant:
+        qrels = {qid: rels for qid, rels in qrels.items() if any(s > 0 for s in rels.values())}
+    report["no_relevant_dropped"] = report["no_relevant"] if drop_no_relevant else 0
+    return qrels, report
+
+
+def eval_queries(path, doc_ids, drop_no_relevant):
+    """(queries to decode, qrels, qrels report) of the queries file at `path` over the corpus ids
+    `doc_ids`; empty queries stay in the qrels (they score 0), and so do queries with no relevant
+    label unless `drop_no_relevant`. No query left to evaluate is a DataError."""
+    numbered = list(iter_rows(path, ("qid", "query", "labels")))
+    rows = [row for _, row in numbered]
+    qrels, report = qrels_from_queries(rows, doc_ids, source=path, lines=[n for n, _ in numbered],
+                                       drop_no_relevant=drop_no_relevant)
+    if not qrels:
+        raise DataError(f"{path}: no query to evaluate "
+                        f"({report['no_relevant_dropped']} without a relevant label left out)")
+    decodable = [q for q in rows if str(q["query"]).strip() and str(q["qid"]) in qrels]
+    return decodable, qrels, report
+
+
+# ----------------------------------------------------------------------------- training rows
+
+def docasq_rows(docs, instruction, n, span, seed):
+    """Document-as-query examples: `n` passages of `span` words cut from each document (seeded random
+    windows; a short document gives fewer, distinct passages), streamed."""
+    rng = random.Random(seed)
+    for d in docs:
+        words = d["doc"].split()
+        if not words:
+            continue
+        starts = sorted({rng.randrange(max(1, len(words) - span + 1)) for _ in range(n)})
+        for s in starts:
+            yield {"instruction": instruction, "query": " ".join(words[s:s + span]),
+                   "labels": [{"id": d["id"], "score": 1}]}
+
+
+def query_sft_rows(tasks, root):
+    """The query generator's SFT rows {"instruction", "query", "doc"} from the training tasks' real
+    queries and their relevant documents; queries with empty text and labels of empty documents are
+    skipped with a warning."""
+    rows, missing = [], 0
+    for task in tasks:
+        mair_config.check_task(task)
+        docs_file, queries_file = mair_config.docs_path(task, root), mair_config.queries_path(task, root)
+        if not (os.path.exists(docs_file) and os.path.exists(queries_file)):
+            log.warning("%s: missing %s or %s; task skipped", task, docs_file, queries_file)
+            continue
+        docs = {d["id"]: d["doc"] for d in read_docs(docs_file)}
+        empty_query, empty_doc = [], []
+        for lineno, q in iter_rows(queries_file, ("query", "labels")):
+            if is_blank(q["query"]):
+                empty_query.append(lineno)
+                continue
+            for label in q["labels"]:
+                if int(label.get("score", 1)) <= 0:
+                    continue
+                doc = docs.get(str(label["id"]))
+                if doc is None:
+                    missing += 1
+                elif not doc.strip():
+                    empty_doc.append(lineno)
+                else:
+                    rows.append({"instruction": q.get("instruction") or "", "query": q["query"], "doc": doc})
+        warn_skipped(queries_file, empty_query, "row(s) with an empty query")
+        warn_skipped(queries_file, empty_doc, "label(s) of an empty document")
+    if missing:
+        log.warning("%d labels point to documents missing from their corpus; skipped", missing)
+    return rows
+
+
+def load_teacher(path):
+    """{(task, id) or id: DocID} from a teacher file."""
+    teacher = {}
+    for row in read_rows(path, ("id", "gist")):
+        key = (row["task"], str(row["id"])) if row.get("task") else str(row["id"])
+        teacher[key] = row["gist"]
+    return teacher
+
+
+def docid_sft_rows(tasks, root, teacher_file):
+    """The DocID generator's SFT rows {"instruction", "input", "output"} for every document of the
+    training tasks: the DocID of `teacher_file` (None: no file) where it has the document, else the
+    extractive teacher's."""
+    teacher = load_teacher(teacher_file) if teacher_file else {}
+    rows, from_file, no_target = [], 0, 0
+    for corpus in mair_config.corpora_of(tasks):
+        path = mair_config.corpus_docs_path(corpus, root)
+        if not os.path.exists(path):
+            log.warning("%s: no documents at %s; skipped", corpus, path)
+            continue
+        docs = read_docs(path)
+        extractive = ExtractiveTeacher([d["doc"] for d in docs])
+        for d in docs:
+            if not d["doc"].strip():
+                continue  # read_docs warned
+            taught = teacher.get((corpus, d["id"])) or teacher.get(d["id"])
+            target = normalize_docid(taught) if taught else extractive.docid(d["doc"])
+            if target:
+                rows.append({"instruction": DOCID_RULES, "input": d["doc"], "output": target})
+                from_file += bool(taught)
+            else:
+                no_target += 1
+    log.info("DocID SFT data: %d examples (%d from the teacher file, %d extractive); %d documents without "
+             "a DocID skipped", len(rows), from_file, len(rows) - from_file, no_target)
+    return rows

@@ -14,7 +14,6 @@ are reused on a rerun (delete them to recompute), a prefix tree that does not lo
 failing corpus or task is reported in OUT_DIR/<RUN>/failures.json (while it stands) and the others go on.
 """
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -29,12 +28,12 @@ import mair_config
 import metrics
 import results
 import ranking
+import sft
 import train_data
 from config import declared, env_rank, parse_args, setup_logging
-from data import read_docs
-from file_io import DataError, atomic_open, iter_rows, read_json, read_rows, write_json
+from data import eval_queries, load_docids, read_docs
+from file_io import DataError, write_json
 from prefix_tree import PrefixTree, TrieCacheError
-from ranking import answer_ids, rank_scores, ranknet_loss  # noqa: F401  (part of genir's interface)
 
 C = {
     "BASE_MODEL": "models/Llama-3.2-3B-Instruct",   # ZeroGR-3B (the released code used the 1B model)
@@ -103,7 +102,7 @@ METHODS = {"bm25": "BM25", "zerogr": "ZeroGR", "zerogr-rerank": "ZeroGR (reranke
 log = logging.getLogger("genir")
 
 
-# ---------------------------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------------------------------- paths
 
 def run_dir():
     return os.path.join(C["OUT_DIR"], C["RUN"])
@@ -113,86 +112,46 @@ def model_dir(corpus):
     return os.path.join(C["MODEL_DIR"], C["RUN"], corpus)
 
 
-def load_docids(corpus, docs):
-    """{doc id: DocID text} for a corpus; documents without a DocID are counted and left out."""
-    path = mair_config.gist_path(corpus, C["GIST_TYPE"], C["DATA_ROOT"])
-    if not os.path.exists(path):
-        raise DataError(f"{corpus}: no DocIDs at {path} (run title_vllm.py first)")
-    known = {d["id"] for d in docs}
-    gists, unknown = {}, 0
-    for row in read_rows(path, ("id", "gist")):
-        if str(row["id"]) in known:
-            gists[str(row["id"])] = row["gist"]
-        else:
-            unknown += 1
-    missing = [d["id"] for d in docs if not str(gists.get(d["id"], "")).strip()]
-    warnings = train_data.docid_warnings(path, unknown, len(missing), len(docs), missing)
-    for w in warnings:
-        log.warning(w)
-    return {k: v for k, v in gists.items() if v.strip()}, warnings
+# ---------------------------------------------------------------------------------------------- training
+
+def train_data_settings():
+    return declared(train_data.TrainDataSettings, C)
 
 
 def training_queries(corpus, docs):
     """The corpus's training set (pseudo-queries, then document-as-query passages, built when
     missing), indexed on disk under its retriever's folder; `docs`: the corpus rows, streamed when
     the index is (re)built (see train_data.prepare)."""
-    return train_data.prepare(corpus, docs, os.path.join(model_dir(corpus), "train_data"), C)
+    return train_data.prepare(corpus, docs, os.path.join(model_dir(corpus), "train_data"), train_data_settings())
 
-
-def query_prompt(tokenizer, instruction, query, max_query_tokens):
-    return train_data.query_prompt(tokenizer, instruction, query, C["MAX_INSTRUCTION_TOKENS"], max_query_tokens)
-
-
-# ---------------------------------------------------------------------------------------------- ranking head
 
 def rank_token_id(tokenizer, model=None):
     """Id of RANK_TOKEN, added to the vocabulary (and the model resized) if missing."""
     return ranking.rank_token_id(tokenizer, C["RANK_TOKEN"], model)
 
 
-def rank_groups(tokenizer, docs, gists, queries, token_id):
-    """An endless supplier of ranking batches (train_data.RankGroups): per step, BATCH_SIZE //
-    GROUP_SIZE groups of one training query's positive and GROUP_SIZE-1 negatives from its BM25 top
-    NEGATIVE_DEPTH over `docs` (a BM25 index or the corpus rows); `gists`: the DocIDs, `queries`:
-    the training set."""
-    return train_data.RankGroups(tokenizer, docs, gists, queries, token_id, C)
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-def check_docid_tokens(tokenizer, gists, sample=50):
-    """The DocID tokens the retriever learns (inside the chat) must be the trie's tokens."""
-    bad = 0
-    for doc_id in itertools.islice(gists, sample):
-        ex = lm.encode_example(tokenizer, "q", gists[doc_id], 10_000)
-        answer = [t for t in ex["labels"] if t != lm.IGNORE_INDEX]
-        alone = tokenizer(gists[doc_id], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        bad += answer[:len(alone)] != alone
-    if bad:
-        log.warning("%d of %d DocIDs tokenize differently inside the chat template than alone: constrained "
-                    "decoding may miss them", bad, min(sample, len(gists)))
-    return bad
-
-
 def training_data(data, tokenizer, token_id):
-    """A training set's examples (a dataset encoded on access) and its ranking-batch supplier (None
-    without the ranking loss)."""
-    check_docid_tokens(tokenizer, data.docs)
-    supplier = rank_groups(tokenizer, data.bm25, data.docs, data, token_id) if C["RANK_LOSS"] else None
-    return train_data.EncodedExamples(data, tokenizer, C), supplier
+    """A training set's examples (a dataset encoded on access) and, with the ranking loss, an endless
+    supplier of its ranking batches (train_data.RankGroups, over the set's BM25 index; None without)."""
+    lm.check_docid_tokens(tokenizer, data.docs)
+    settings = train_data_settings()
+    supplier = None
+    if C["RANK_LOSS"]:
+        supplier = train_data.RankGroups(tokenizer, data.bm25, data.docs, data, token_id, settings)
+    return train_data.EncodedExamples(data, tokenizer, settings), supplier
 
 
 def train_corpus(corpus):
     """Train (or resume) the retriever of one corpus; returns its directory."""
     out = model_dir(corpus)
-    if lm.training_done(out):
+    if sft.training_done(out):
         log.info("%s: retriever already trained at %s", corpus, out)
         return out
     data = training_queries(corpus, train_data.CorpusFile(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"])))
-    model, tokenizer, resume = lm.load_for_training(C["BASE_MODEL"], out)
+    model, tokenizer, resume = sft.load_for_training(C["BASE_MODEL"], out)
     examples, supplier = training_data(data, tokenizer, rank_token_id(tokenizer, model))
-    lm.train_sft(model, tokenizer, examples, out, declared(lm.SFTSettings, C),
-                 extra_loss=ranknet_loss if supplier else None, extra_batches=supplier, resume_from=resume,
+    sft.train_sft(model, tokenizer, examples, out, declared(sft.SFTSettings, C),
+                 extra_loss=ranking.ranknet_loss if supplier else None, extra_batches=supplier, resume_from=resume,
                  desc=f"genir {corpus}")
     return out
 
@@ -235,43 +194,11 @@ def docid_collisions(corpus, tree):
     return [warning]
 
 
-def eval_queries(task, doc_ids):
-    """(queries to decode, qrels, qrels report) of a task; empty queries stay in the qrels (they score
-    0), and so do queries with no relevant label unless DROP_NO_POSITIVE."""
-    path = mair_config.queries_path(task, C["DATA_ROOT"])
-    numbered = list(iter_rows(path, ("qid", "query", "labels")))
-    rows = [row for _, row in numbered]
-    qrels, report = metrics.qrels_from_queries(rows, doc_ids, source=path, lines=[n for n, _ in numbered],
-                                               drop_no_relevant=C["DROP_NO_POSITIVE"])
-    if not qrels:
-        raise DataError(f"{path}: no query to evaluate "
-                        f"({report['no_relevant_dropped']} without a relevant label left out)")
-    decodable = [q for q in rows if str(q["query"]).strip() and str(q["qid"]) in qrels]
-    return decodable, qrels, report
-
-
-def process_state():
-    """This process's rank, process count and device (cuda:<local rank> under a multi-GPU launch)."""
-    return lm.init_distributed(C["DIST_TIMEOUT"])
-
-
-def split_for_process(items):
-    """This process's share of `items` under accelerate / torchrun (all of them in one process)."""
-    state = process_state()
-    return items[state.process_index::state.num_processes], state
-
-
-def gather(results, state):
-    from accelerate.utils import gather_object
-    if state.num_processes == 1:
-        return results
-    return [x for part in gather_object([results]) for x in part]
-
-
 def eval_prompts(tokenizer, queries):
     """Chat-encoded prompt token ids of evaluation queries."""
-    return [lm.chat_prompt_ids(tokenizer, query_prompt(tokenizer, q.get("instruction"), q["query"],
-                                                       C["MAX_EVAL_QUERY_TOKENS"])) for q in queries]
+    prompts = [train_data.query_prompt(tokenizer, q.get("instruction"), q["query"], C["MAX_INSTRUCTION_TOKENS"],
+                                       C["MAX_EVAL_QUERY_TOKENS"]) for q in queries]
+    return [lm.chat_prompt_ids(tokenizer, p) for p in prompts]
 
 
 def decode_settings(**changes):
@@ -283,21 +210,21 @@ def decode_settings(**changes):
 
 def decode_queries(model, tokenizer, tree, queries, mode):
     """{qid: ranked doc ids} decoded in `mode` for this process's queries, gathered from all."""
-    mine, state = split_for_process(queries)
+    mine, state = sft.split_for_process(queries, C["DIST_TIMEOUT"])
     found = decoding.decode(model, tree, eval_prompts(tokenizer, mine), decode_settings(mode=mode),
                             keys=[str(q["qid"]) for q in mine], progress=state.is_main_process)
     local = [(str(q["qid"]), [doc for doc, _ in r.ranking]) for q, r in zip(mine, found)]
-    return dict(gather(local, state))
+    return dict(sft.gather(local, state))
 
 
 def rerank(model, tokenizer, queries, rankings, gists, token_id):
     """{qid: generated candidates re-ordered by the ranking token's logit} (see ranking.rerank) for
     this process's queries, gathered from all."""
-    mine, state = split_for_process(queries)
+    mine, state = sft.split_for_process(queries, C["DIST_TIMEOUT"])
     ordered = ranking.rerank(model, tokenizer, eval_prompts(tokenizer, mine),
                              [rankings.get(str(q["qid"]), []) for q in mine], gists, token_id,
                              C["RERANK_BATCH_SIZE"], progress=state.is_main_process)
-    return dict(gather([(str(q["qid"]), docs) for q, docs in zip(mine, ordered)], state))
+    return dict(sft.gather([(str(q["qid"]), docs) for q, docs in zip(mine, ordered)], state))
 
 
 def write_runs(task, runs):
@@ -326,9 +253,10 @@ def load_task(task):
     """The EvalTask of an evaluation task."""
     corpus = mair_config.corpus_of(task)
     docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
-    gists, warnings = load_docids(corpus, docs)
-    queries, qrels, report = eval_queries(task, {d["id"] for d in docs})
-    model, tokenizer = lm.load_model(model_dir(corpus), device=process_state().device)
+    gists, warnings = load_docids(mair_config.gist_path(corpus, C["GIST_TYPE"], C["DATA_ROOT"]), docs, corpus)
+    queries, qrels, report = eval_queries(mair_config.queries_path(task, C["DATA_ROOT"]), {d["id"] for d in docs},
+                                          C["DROP_NO_POSITIVE"])
+    model, tokenizer = lm.load_model(model_dir(corpus), device=sft.init_distributed(C["DIST_TIMEOUT"]).device)
     tree = load_trie(corpus, tokenizer, docs, gists)
     warnings += docid_collisions(corpus, tree)
     return EvalTask(corpus, docs, gists, warnings, queries, qrels, report, model, tokenizer, tree)
@@ -384,19 +312,10 @@ def ablation(tasks):
                                                for m, v in values.items()})
     if env_rank() != 0:
         return None
-    folder = run_dir()
-    table = metrics.ablation_table(per_query, reference=C["DECODE_MODE"])
     s = decode_settings()
     settings = (f"K={s.K}, k={s.slope}, m={s.midpoint}, T_max={s.t_max}, top-k={s.top_k}, top-p={s.top_p}, "
                 f"nucleus T={s.nucleus_temperature}, beams={s.num_beams or s.K}")
-    path = os.path.join(folder, "ablation.md")
-    with atomic_open(path) as f:
-        f.write(f"# Decoding ablation: {C['RUN']} ({', '.join(tasks)})\n\nSettings: {settings}.\n\n{table}\n")
-    write_json(per_query, os.path.join(folder, "ablation_per_query.json"))
-    metrics.plot_ablation(per_query, os.path.join(folder, "ablation.png"))
-    metrics.plot_schedule(s.schedule(), os.path.join(folder, "schedule.png"))
-    log.info("ablation -> %s, ablation.png, schedule.png", path)
-    return path
+    return results.write_ablation(run_dir(), C["RUN"], tasks, per_query, C["DECODE_MODE"], settings, s.schedule())
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -411,26 +330,6 @@ def record_failure(failures, name, step, error):
         raise error
     log.exception("%s: %s failed", name, step)
     failures[name] = f"{step}: {type(error).__name__}: {error}"
-
-
-def write_failures(failures):
-    """Keep OUT_DIR/<RUN>/failures.json to the failures that still stand: this run's, and those of
-    an earlier run in a step (training, evaluation) this run did not retry; removed when none is left."""
-    path = os.path.join(run_dir(), "failures.json")
-    not_retried = {"all": (), "train": ("evaluation",), "eval": ("training",)}[C["STAGE"]]
-    try:
-        earlier = dict(read_json(path)) if os.path.exists(path) else {}
-    except (TypeError, ValueError) as e:
-        log.warning("%s: unreadable (%s); rewritten", path, e)
-        earlier = {}
-    standing = {**{n: v for n, v in earlier.items() if str(v).startswith(not_retried)}, **failures}
-    if failures:
-        log.error("failed: %s (see %s)", ", ".join(failures), path)
-    if standing:
-        write_json(standing, path)
-    elif os.path.exists(path):
-        os.remove(path)
-        log.info("no failure left: removed %s", path)
 
 
 def main(argv=None):
@@ -467,7 +366,7 @@ def main(argv=None):
     elif env_rank() == 0:
         results.write_results(run_dir(), tasks, C["RUN"], list(METHODS.values()), C["WANDB"], C["WANDB_PROJECT"])
     if env_rank() == 0 and C["STAGE"] in ("all", "train", "eval"):
-        write_failures(failures)
+        results.write_failures(run_dir(), C["STAGE"], failures)
     return 1 if failures else 0
 
 

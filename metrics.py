@@ -1,5 +1,6 @@
-"""Evaluation: qrels and runs, ir-measures metrics, TREC run files, result tables, and the
-statistics and plots of the decoding ablation (the BM25 baseline is bm25.py).
+"""Evaluation: runs, ir-measures metrics, TREC run files, result tables (with notes on a task's
+qrels report), and the statistics and plots of the decoding ablation (qrels are read in data.py,
+the BM25 baseline is bm25.py).
 
 Conventions:
 - Metrics come from ir-measures over pytrec-eval-terrier (trec_eval semantics): Acc@1 = P@1
@@ -7,7 +8,7 @@ Conventions:
   "Acc@1"; smaller than P@1 on graded labels), nDCG@10 (linear gain, trec_eval `ndcg_cut`),
   R@100 and MAP. Values are fractions in 0-1; tables print them x100 with one decimal.
 - Every query of the qrels counts: one missing from the run (or with no relevant label, unless
-  dropped: see qrels_from_queries) scores 0.
+  dropped: see data.qrels_from_queries) scores 0.
 - Runs carry strictly decreasing scores (1/rank), so no tool has to break ties.
 """
 import logging
@@ -27,66 +28,10 @@ MEASURES = {"Acc@1": P@1, "nDCG@1": nDCG@1, "nDCG@10": nDCG@10, "R@100": R@100, 
 TABLE_METRICS = ("Acc@1", "nDCG@10", "R@100")  # results.md: one table each, in this order
 BEIR_METRIC = "nDCG@10"                         # the paper's BEIR average
 
-N_EXAMPLES = 5                # unknown-label examples kept in a qrels report
 MISSING = "–"                 # table cell of a missing result
 
 
-# ----------------------------------------------------------------------------- qrels, runs, metrics
-
-def qrels_from_queries(queries, doc_ids=None, source=None, lines=None, drop_no_relevant=False):
-    """Qrels {qid: {doc_id: int score}} from MAIR query rows, and a report of data problems.
-
-    Labels with score <= 0 stay as judged non-relevant (as in trec_eval). If `doc_ids` (the corpus
-    ids) is given, labels naming documents missing from the corpus are counted and logged; they
-    stay in the qrels, so such queries count against recall and the report says how many.
-    Queries with empty text or no relevant label are kept and counted too; with `drop_no_relevant`
-    (the BEIR convention) the latter leave the qrels, so no average counts them. `lines` (the physical
-    line of each row in `source`) lets errors name the line rather than the row number.
-    """
-    source = source or "queries"
-    known = set(doc_ids) if doc_ids is not None else None
-    qrels, unknown_examples = {}, []
-    report = {"source": source, "queries": 0, "labels": 0, "empty_query": 0, "no_relevant": 0,
-              "unknown_labels": 0, "all_labels_unknown": 0, "unknown_examples": unknown_examples}
-    for i, row in enumerate(queries):
-        where = f"{source}:{lines[i]}" if lines else f"{source}: query row {i}"
-        if "qid" not in row or "labels" not in row:
-            raise DataError(f"{where}: missing field 'qid' or 'labels'")
-        qid = str(row["qid"])
-        if qid in qrels:
-            raise DataError(f"{where}: duplicate qid '{qid}'")
-        rels = {}
-        for label in row["labels"]:
-            try:
-                doc, score = str(label["id"]), int(label["score"])
-            except (KeyError, TypeError, ValueError):
-                raise DataError(f"{where}: label {label!r} needs an 'id' and an integer 'score'") from None
-            rels[doc] = max(score, rels.get(doc, score))
-        qrels[qid] = rels
-        report["queries"] += 1
-        report["labels"] += len(rels)
-        report["empty_query"] += not str(row.get("query") or "").strip()
-        report["no_relevant"] += not any(s > 0 for s in rels.values())
-        if known is not None:
-            unknown = [d for d in rels if d not in known]
-            report["unknown_labels"] += len(unknown)
-            report["all_labels_unknown"] += bool(rels) and len(unknown) == len(rels)
-            unknown_examples.extend(f"{qid} -> {d}" for d in unknown[:N_EXAMPLES - len(unknown_examples)])
-    if report["unknown_labels"]:
-        log.warning("%s: %d of %d labels name documents missing from the corpus (%d queries have "
-                    "no known label); kept, they count as not retrieved. e.g. %s", source,
-                    report["unknown_labels"], report["labels"], report["all_labels_unknown"],
-                    ", ".join(unknown_examples))
-    if report["empty_query"]:
-        log.warning("%s: %d queries have empty text", source, report["empty_query"])
-    if report["no_relevant"]:
-        log.warning("%s: %d queries have no relevant label; %s", source, report["no_relevant"],
-                    "left out of the qrels" if drop_no_relevant else "they score 0")
-    if drop_no_relevant:
-        qrels = {qid: rels for qid, rels in qrels.items() if any(s > 0 for s in rels.values())}
-    report["no_relevant_dropped"] = report["no_relevant"] if drop_no_relevant else 0
-    return qrels, report
-
+# ----------------------------------------------------------------------------- qrels notes, runs, metrics
 
 def qrels_notes(task, report):
     """Notes for a results table on the data problems of a task's qrels report."""

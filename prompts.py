@@ -4,14 +4,17 @@ Wording is this project's own; the content follows the paper (PAPER.md 1.2, 1.3,
 """
 
 GENERIC_INSTRUCTION = "Retrieve the documents that are relevant to the given query."
+# Added for an instruct model used without fine-tuning (ZERO_SHOT in qg_vllm.py / title_vllm.py),
+# which otherwise tends to answer with a preamble.
+REPLY_ONLY = {"query": "\n\nReply with the query only, on one line.", "docid": "\n\nReply with the phrase only."}
 
 
-def query_generation_prompt(instruction, doc):
+def query_generation_prompt(instruction, doc, zero_shot=False):
     """Query generator (sftqg.py, qg_vllm.py): write a query for `doc` under a task instruction."""
     return ("You turn documents into search queries.\n"
             f"Retrieval task: {instruction}\n\n"
             "Write one search query, for this task, that the following document answers:\n\n"
-            f"{doc}")
+            f"{doc}" + (REPLY_ONLY["query"] if zero_shot else ""))
 
 
 DOCID_RULES = """Write a short identifier phrase (a DocID) for the document below, following these rules:
@@ -23,9 +26,9 @@ DOCID_RULES = """Write a short identifier phrase (a DocID) for the document belo
 6. Every term must come from the document; the phrase should single this document out."""
 
 
-def docid_prompt(doc, rules=DOCID_RULES):
+def docid_prompt(doc, rules=DOCID_RULES, zero_shot=False):
     """DocID generator (sftid.py, title_vllm.py): the format rules, then the document."""
-    return f"{rules}\n\nDocument:\n{doc}"
+    return f"{rules}\n\nDocument:\n{doc}" + (REPLY_ONLY["docid"] if zero_shot else "")
 
 
 def retrieval_prompt(instruction, query):

@@ -47,6 +47,7 @@ C = {
     "CHUNK_DOCS": 512,                                 # documents per resumable chunk
     "GPU_MEMORY_UTILIZATION": None,                    # GPU memory share per vLLM engine; None = vLLM's
                                                        #   default, one engine per GPU; 0.3 = 3 per GPU
+    "ZERO_SHOT": False,                                # True: a model not fine-tuned (asked for the reply only)
     "SEED": 0,
     "QUALITY_DOCS": 2000,                              # documents whose pseudo-queries are scored (quality.py; 0 = all)
     "DATA_ROOT": mair_config.DATA_ROOT,
@@ -54,7 +55,8 @@ C = {
 }
 
 def query_rows(instruction, num_q, generator, tokenizer, docs):
-    prompts = [lm.chat_prompt_ids(tokenizer, query_generation_prompt(instruction, d["prepared"])) for d in docs]
+    prompts = [lm.chat_prompt_ids(tokenizer, query_generation_prompt(instruction, d["prepared"], C["ZERO_SHOT"]))
+               for d in docs]
     outputs = generator.generate(prompts, n=num_q, temperature=C["TEMPERATURE"], top_p=C["TOP_P"],
                                  max_tokens=C["MAX_TOKENS"], desc="queries")
     return [{"instruction": instruction, "query": query, "labels": [{"id": d["id"], "score": 1}]}

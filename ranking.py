@@ -59,16 +59,10 @@ def rerank(model, tokenizer, prompts, candidates, gists, token_id, batch_size, p
         m = max(len(c) for c in cands)
         rows = [answers.setdefault(d, answer_ids(tokenizer, gists[d])) if j < len(c) else []
                 for c in cands for j, d in enumerate(c + [None] * (m - len(c)))]
-        lengths = torch.tensor([len(r) for r in rows], device=model.device)
         tokens, _ = lm.pad_rows(rows, 0)
-        steps = tokens.shape[1]
+        lengths = torch.tensor([len(r) for r in rows], device=model.device)
         batch = decoding.PromptBatch(model, prompts[start:start + per_chunk], repeats=m)
-        offsets = torch.arange(steps, device=model.device)
-        mask = torch.cat([batch.mask, (offsets < lengths[:, None]).long()], 1)
-        hidden = model.get_decoder()(input_ids=tokens.to(model.device), attention_mask=mask,
-                                     position_ids=batch.lengths[:, None] + offsets, use_cache=True,
-                                     **{batch.cache_arg: batch.cache}).last_hidden_state
-        last = hidden[torch.arange(len(rows), device=model.device), (lengths - 1).clamp(min=0)]
+        last = batch.last_hidden(tokens.to(model.device), lengths)
         scores = (last @ model.get_output_embeddings().weight[token_id]).float()
         scores = scores.masked_fill(lengths == 0, float("-inf")).view(len(cands), m).tolist()
         out.extend([c[j] for j in sorted(range(len(c)), key=lambda j: -row[j])] for c, row in zip(cands, scores))

@@ -1,12 +1,13 @@
-"""results.md: the paper-style tables of the finished tasks of a run, with notes and warnings,
-and the same results as a wandb table when wandb is on."""
+"""What a run writes besides its runs and metrics: results.md (the paper-style tables of the finished
+tasks, with notes and warnings; the same results as a wandb table when wandb is on), the decoding
+ablation's table and plots, and failures.json (the failures that still stand)."""
 import logging
 import os
 
-import lm
 import mair_config
 import metrics
-from file_io import atomic_open, read_json
+import sft
+from file_io import atomic_open, read_json, write_json
 
 log = logging.getLogger("results")
 
@@ -60,7 +61,7 @@ def write_results(run_dir, tasks, run_name, methods, wandb_setting=None, wandb_p
 
 
 def log_wandb_tables(found, run_dir, run_name, wandb_setting, wandb_project):
-    run = lm.wandb_run(wandb_setting, wandb_project, f"{run_name}-results", run_dir)
+    run = sft.wandb_run(wandb_setting, wandb_project, f"{run_name}-results", run_dir)
     if run is None:
         return
     import wandb
@@ -69,3 +70,40 @@ def log_wandb_tables(found, run_dir, run_name, wandb_setting, wandb_project):
             for t, r in found.items() for m, vals in r["methods"].items()]
     run.log({"results": wandb.Table(columns=columns, data=rows)})
     run.finish()
+
+
+def write_ablation(run_dir, run_name, tasks, per_query, reference, settings, schedule):
+    """Write the decoding ablation of `tasks` under `run_dir`: ablation.md (metrics.ablation_table of
+    `per_query` {mode: {metric: {query: value}}} against the mode `reference`, under `settings`, a
+    text), ablation_per_query.json, ablation.png and schedule.png (`schedule`: the temperatures per
+    iteration); the path of ablation.md."""
+    table = metrics.ablation_table(per_query, reference=reference)
+    path = os.path.join(run_dir, "ablation.md")
+    with atomic_open(path) as f:
+        f.write(f"# Decoding ablation: {run_name} ({', '.join(tasks)})\n\nSettings: {settings}.\n\n{table}\n")
+    write_json(per_query, os.path.join(run_dir, "ablation_per_query.json"))
+    metrics.plot_ablation(per_query, os.path.join(run_dir, "ablation.png"))
+    metrics.plot_schedule(schedule, os.path.join(run_dir, "schedule.png"))
+    log.info("ablation -> %s, ablation.png, schedule.png", path)
+    return path
+
+
+def write_failures(run_dir, stage, failures):
+    """Keep `run_dir`/failures.json to the failures that still stand: this run's `failures` ({corpus or
+    task: "<step>: <error>"}), and those of an earlier run in a step (training, evaluation) this run,
+    of STAGE `stage`, did not retry; removed when none is left."""
+    path = os.path.join(run_dir, "failures.json")
+    not_retried = {"all": (), "train": ("evaluation",), "eval": ("training",)}[stage]
+    try:
+        earlier = dict(read_json(path)) if os.path.exists(path) else {}
+    except (TypeError, ValueError) as e:
+        log.warning("%s: unreadable (%s); rewritten", path, e)
+        earlier = {}
+    standing = {**{n: v for n, v in earlier.items() if str(v).startswith(not_retried)}, **failures}
+    if failures:
+        log.error("failed: %s (see %s)", ", ".join(failures), path)
+    if standing:
+        write_json(standing, path)
+    elif os.path.exists(path):
+        os.remove(path)
+        log.info("no failure left: removed %s", path)

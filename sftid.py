@@ -4,22 +4,21 @@
     accelerate launch --num_processes 8 sftid.py
 
 Training data: SFT_DATA, JSONL `{"instruction", "input", "output"}` (instruction = the DocID rules,
-input = document, output = DocID). Built when missing from the documents of TRAIN_TASKS, with
-targets from TEACHER_FILE (JSONL `{"id", "gist"}`, optionally `"task"`; the paper used GPT-4o)
-where it has the document, else from the built-in extractive teacher that follows the same rules.
-Rows with an empty input or output are skipped with a warning (none left is an error).
+input = document, output = DocID). Built when missing (data.docid_sft_rows) from the documents of
+TRAIN_TASKS, with targets from TEACHER_FILE (JSONL `{"id", "gist"}`, optionally `"task"`; the paper
+used GPT-4o) where it has the document, else from the built-in extractive teacher that follows the
+same rules. Rows with an empty input or output are skipped with a warning (none left is an error).
 """
-import logging
 import os
 import sys
 
 import lm
 import mair_config
+import sft
 from config import declared, env_rank, parse_args, setup_logging
-from data import read_docs
-from docids import ExtractiveTeacher, normalize_docid
-from file_io import read_or_build_rows, read_rows
-from prompts import DOCID_RULES, docid_prompt
+from data import docid_sft_rows
+from file_io import read_or_build_rows
+from prompts import docid_prompt
 
 C = {
     "BASE_MODEL": "models/Llama-3.2-1B-Instruct",
@@ -48,43 +47,6 @@ C = {
     "WANDB_PROJECT": "zerogr",
 }
 
-log = logging.getLogger("sftid")
-
-
-def load_teacher(path):
-    """{(task, id) or id: DocID} from a teacher file."""
-    teacher = {}
-    for row in read_rows(path, ("id", "gist")):
-        key = (row["task"], str(row["id"])) if row.get("task") else str(row["id"])
-        teacher[key] = row["gist"]
-    return teacher
-
-
-def build_sft_data(tasks, root, teacher_file=None):
-    """{"instruction", "input", "output"} rows for every document of the training tasks."""
-    teacher = load_teacher(teacher_file) if teacher_file else {}
-    rows, from_file, no_target = [], 0, 0
-    for corpus in mair_config.corpora_of(tasks):
-        path = mair_config.corpus_docs_path(corpus, root)
-        if not os.path.exists(path):
-            log.warning("%s: no documents at %s; skipped", corpus, path)
-            continue
-        docs = read_docs(path)
-        extractive = ExtractiveTeacher([d["doc"] for d in docs])
-        for d in docs:
-            if not d["doc"].strip():
-                continue  # read_docs warned
-            taught = teacher.get((corpus, d["id"])) or teacher.get(d["id"])
-            target = normalize_docid(taught) if taught else extractive.docid(d["doc"])
-            if target:
-                rows.append({"instruction": DOCID_RULES, "input": d["doc"], "output": target})
-                from_file += bool(taught)
-            else:
-                no_target += 1
-    log.info("DocID SFT data: %d examples (%d from the teacher file, %d extractive); %d documents without "
-             "a DocID skipped", len(rows), from_file, len(rows) - from_file, no_target)
-    return rows
-
 
 def encode(tokenizer, rows):
     examples = []
@@ -99,10 +61,10 @@ def main(argv=None):
     parse_args("sftid", C, argv=argv, description=__doc__)
     setup_logging(env_rank())
     rows = read_or_build_rows(C["SFT_DATA"], ("instruction", "input", "output"),
-                              lambda: build_sft_data(C["TRAIN_TASKS"], C["DATA_ROOT"], C["TEACHER_FILE"]),
+                              lambda: docid_sft_rows(C["TRAIN_TASKS"], C["DATA_ROOT"], C["TEACHER_FILE"]),
                               nonempty=("input", "output"), max_rows=C["MAX_EXAMPLES"], save=env_rank() == 0)
-    settings = declared(lm.SFTSettings, C)
-    lm.run_sft(C["BASE_MODEL"], C["OUT_DIR"], settings, lambda tokenizer: encode(tokenizer, rows), desc="sftid")
+    settings = declared(sft.SFTSettings, C)
+    sft.run_sft(C["BASE_MODEL"], C["OUT_DIR"], settings, lambda tokenizer: encode(tokenizer, rows), desc="sftid")
     return 0
 
 

@@ -4,20 +4,20 @@
     accelerate launch --num_processes 8 sftqg.py            # 8 GPUs
 
 Training data: SFT_DATA, JSONL `{"instruction", "query", "doc"}`; built from the real queries of
-TRAIN_TASKS (MAIR layout) when the file is missing; rows with an empty query or document are skipped
-with a warning (none left is an error). The loss is on the query tokens only. Writes a
-checkpoint per epoch to OUT_DIR/checkpoint-epoch<N> and the final model to OUT_DIR; an interrupted
-run resumes from its newest checkpoint.
+TRAIN_TASKS (MAIR layout; data.query_sft_rows) when the file is missing; rows with an empty query
+or document are skipped with a warning (none left is an error). The loss is on the query tokens
+only. Writes a checkpoint per epoch to OUT_DIR/checkpoint-epoch<N> and the final model to OUT_DIR;
+an interrupted run resumes from its newest checkpoint.
 """
-import logging
 import os
 import sys
 
 import lm
 import mair_config
+import sft
 from config import declared, env_rank, parse_args, setup_logging
-from data import read_docs
-from file_io import is_blank, iter_rows, read_or_build_rows, warn_skipped
+from data import query_sft_rows
+from file_io import read_or_build_rows
 from prompts import query_generation_prompt
 
 C = {
@@ -49,41 +49,6 @@ C = {
     "WANDB_PROJECT": "zerogr",
 }
 
-log = logging.getLogger("sftqg")
-
-
-def build_sft_data(tasks, root):
-    """{"instruction", "query", "doc"} rows from the training tasks' real queries and their relevant
-    documents; queries with empty text and labels of empty documents are skipped with a warning."""
-    rows, missing = [], 0
-    for task in tasks:
-        mair_config.check_task(task)
-        docs_file, queries_file = mair_config.docs_path(task, root), mair_config.queries_path(task, root)
-        if not (os.path.exists(docs_file) and os.path.exists(queries_file)):
-            log.warning("%s: missing %s or %s; task skipped", task, docs_file, queries_file)
-            continue
-        docs = {d["id"]: d["doc"] for d in read_docs(docs_file)}
-        empty_query, empty_doc = [], []
-        for lineno, q in iter_rows(queries_file, ("query", "labels")):
-            if is_blank(q["query"]):
-                empty_query.append(lineno)
-                continue
-            for label in q["labels"]:
-                if int(label.get("score", 1)) <= 0:
-                    continue
-                doc = docs.get(str(label["id"]))
-                if doc is None:
-                    missing += 1
-                elif not doc.strip():
-                    empty_doc.append(lineno)
-                else:
-                    rows.append({"instruction": q.get("instruction") or "", "query": q["query"], "doc": doc})
-        warn_skipped(queries_file, empty_query, "row(s) with an empty query")
-        warn_skipped(queries_file, empty_doc, "label(s) of an empty document")
-    if missing:
-        log.warning("%d labels point to documents missing from their corpus; skipped", missing)
-    return rows
-
 
 def encode(tokenizer, rows):
     examples = []
@@ -99,10 +64,10 @@ def main(argv=None):
     parse_args("sftqg", C, argv=argv, description=__doc__)
     setup_logging(env_rank())
     rows = read_or_build_rows(C["SFT_DATA"], ("instruction", "query", "doc"),
-                              lambda: build_sft_data(C["TRAIN_TASKS"], C["DATA_ROOT"]), nonempty=("query", "doc"),
+                              lambda: query_sft_rows(C["TRAIN_TASKS"], C["DATA_ROOT"]), nonempty=("query", "doc"),
                               max_rows=C["MAX_EXAMPLES"], save=env_rank() == 0)
-    settings = declared(lm.SFTSettings, C)
-    lm.run_sft(C["BASE_MODEL"], C["OUT_DIR"], settings, lambda tokenizer: encode(tokenizer, rows), desc="sftqg")
+    settings = declared(sft.SFTSettings, C)
+    sft.run_sft(C["BASE_MODEL"], C["OUT_DIR"], settings, lambda tokenizer: encode(tokenizer, rows), desc="sftqg")
     return 0
 
 

@@ -47,6 +47,7 @@ C = {
     "CHUNK_DOCS": 512,
     "GPU_MEMORY_UTILIZATION": None,                    # GPU memory share per vLLM engine; None = vLLM's
                                                        #   default, one engine per GPU; 0.3 = 3 per GPU
+    "ZERO_SHOT": False,                                # True: a model not fine-tuned (asked for the reply only)
     "SEED": 0,
     "QUALITY_DOCS": 2000,                              # documents whose DocIDs are scored (quality.py; 0 = all)
     "DATA_ROOT": mair_config.DATA_ROOT,
@@ -57,7 +58,7 @@ log = logging.getLogger("title_vllm")
 
 
 def docid_rows(teacher, generator, tokenizer, docs):
-    prompts = [lm.chat_prompt_ids(tokenizer, docid_prompt(d["prepared"])) for d in docs]
+    prompts = [lm.chat_prompt_ids(tokenizer, docid_prompt(d["prepared"], zero_shot=C["ZERO_SHOT"])) for d in docs]
     outputs = generator.generate(prompts, n=1, temperature=C["TEMPERATURE"], top_p=C["TOP_P"],
                                  max_tokens=C["MAX_TOKENS"], desc="docids")
     rows, fallback = [], 0

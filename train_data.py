@@ -24,6 +24,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from tqdm.auto import tqdm
 import bm25
 import lm
 import mair_config
-from data import iter_docs, task_instruction
+import sft
+from data import docasq_rows, docid_warnings, iter_docs, task_instruction
 from file_io import DataError, decode, iter_rows, read_json, require_fields, write_json, write_jsonl
 from prompts import retrieval_prompt
 
@@ -40,6 +42,27 @@ log = logging.getLogger("train_data")
 
 FORMAT = 1          # bump when the folder's layout changes: older folders are rebuilt
 PROGRESS_EVERY = 1 << 16  # rows scanned between progress-bar updates
+
+
+@dataclass(frozen=True)
+class TrainDataSettings:
+    """genir's constants that the training set reads, in lower case (genir builds it with config.declared)."""
+    data_root: str
+    qg_sufix: str              # pseudo-queries: MAIR-Data/<qg_sufix>-<num_q>/<corpus>
+    num_q: int
+    gist_type: str             # DocIDs: MAIR-Data/gist_ids/<corpus>/<gist_type>.jsonl
+    docasq_n: int              # document-as-query passages per document (0: none)
+    docasq_words: int
+    seed: int
+    dist_timeout: float
+    max_len: int
+    max_instruction_tokens: int
+    max_query_tokens: int
+    rank_loss: bool            # with the ranking loss: the BM25 index and the groups' candidates
+    negative_depth: int
+    batch_size: int
+    group_size: int
+    rank_every: int
 
 
 def mapped(path):
@@ -53,8 +76,7 @@ def id_hash(doc_id):
 
 
 class StringTable:
-    """Strings stored as UTF-8 bytes in <path>.bin with [start, end) of each in <path>.npy, both
-    memory-mapped."""
+    """Strings stored as UTF-8 bytes in <path>.bin with [start, end) of each in <path>.npy, both memory-mapped."""
 
     def __init__(self, path):
         self.bounds = mapped(path + ".npy")
@@ -78,7 +100,7 @@ def _append(file, text):
 
 class CorpusFile:
     """The documents of a docs.jsonl as a re-iterable stream of rows {"id": str, "doc": str}, with
-    shards.read_docs's checks (duplicate ids are caught when the document table is built)."""
+    data.read_docs's checks (duplicate ids are caught when the document table is built)."""
 
     def __init__(self, path):
         self.path = path
@@ -126,29 +148,6 @@ class DocTable(Mapping):
         return (self.ids[i] for i in range(len(self.ids)) if self.has_docid[i])
 
 
-def docid_warnings(path, unknown, missing, n_docs, examples):
-    """The warnings of a DocID file that names `unknown` ids outside the corpus and misses `missing`
-    of its `n_docs` documents (`examples`: some of their ids)."""
-    return [text for text, count in (
-        (f"{path}: {unknown} DocIDs for documents not in the corpus, ignored", unknown),
-        (f"{path}: {missing} of {n_docs} documents have no DocID and cannot be retrieved, e.g. "
-         f"{', '.join(examples[:3])}", missing)) if count]
-
-
-def docasq_rows(docs, instruction, n, span, seed):
-    """Document-as-query examples: `n` passages of `span` words cut from each document (seeded random
-    windows; a short document gives fewer, distinct passages), streamed."""
-    rng = random.Random(seed)
-    for d in docs:
-        words = d["doc"].split()
-        if not words:
-            continue
-        starts = sorted({rng.randrange(max(1, len(words) - span + 1)) for _ in range(n)})
-        for s in starts:
-            yield {"instruction": instruction, "query": " ".join(words[s:s + span]),
-                   "labels": [{"id": d["id"], "score": 1}]}
-
-
 def query_prompt(tokenizer, instruction, query, max_instruction_tokens, max_query_tokens):
     return retrieval_prompt(lm.truncate_tokens(tokenizer, instruction or "", max_instruction_tokens),
                             lm.truncate_tokens(tokenizer, query, max_query_tokens))
@@ -156,23 +155,23 @@ def query_prompt(tokenizer, instruction, query, max_instruction_tokens, max_quer
 
 def encode(tokenizer, row, docid, settings):
     """{"input_ids", "labels"} of [instruction + "\\n" + query -> DocID] for a training row."""
-    prompt = query_prompt(tokenizer, row["instruction"], row["query"], settings["MAX_INSTRUCTION_TOKENS"],
-                          settings["MAX_QUERY_TOKENS"])
-    return lm.encode_example(tokenizer, prompt, docid, settings["MAX_LEN"])
+    prompt = query_prompt(tokenizer, row["instruction"], row["query"], settings.max_instruction_tokens,
+                          settings.max_query_tokens)
+    return lm.encode_example(tokenizer, prompt, docid, settings.max_len)
 
 
 def source_paths(corpus, settings):
-    root = settings["DATA_ROOT"]
+    root = settings.data_root
     return {"docs": mair_config.corpus_docs_path(corpus, root),
-            "docids": mair_config.gist_path(corpus, settings["GIST_TYPE"], root),
-            "queries": mair_config.pseudo_queries_path(corpus, settings["QG_SUFIX"], settings["NUM_Q"], root),
-            "docasq": mair_config.docasq_path(corpus, settings["DOCASQ_N"], root) if settings["DOCASQ_N"] > 0 else None}
+            "docids": mair_config.gist_path(corpus, settings.gist_type, root),
+            "queries": mair_config.pseudo_queries_path(corpus, settings.qg_sufix, settings.num_q, root),
+            "docasq": mair_config.docasq_path(corpus, settings.docasq_n, root) if settings.docasq_n > 0 else None}
 
 
 def _stamp(sources, settings):
     files = {k: [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] if p and os.path.exists(p) else None
              for k, p in sources.items()}
-    return {"format": FORMAT, "files": files, "bm25": bool(settings["RANK_LOSS"]), "depth": settings["NEGATIVE_DEPTH"]}
+    return {"format": FORMAT, "files": files, "bm25": bool(settings.rank_loss), "depth": settings.negative_depth}
 
 
 def prepare(corpus, docs, folder, settings):
@@ -180,7 +179,7 @@ def prepare(corpus, docs, folder, settings):
     iterable of {"id", "doc"} rows, streamed) and the corpus's data files when it is missing or
     stale, while the others wait; bad data fails every process alike (DataError)."""
     sources, meta = source_paths(corpus, settings), os.path.join(folder, "meta.json")
-    state = lm.init_distributed(settings["DIST_TIMEOUT"])
+    state = sft.init_distributed(settings.dist_timeout)
     failed = None
     if state.is_main_process and not (os.path.exists(meta) and read_json(meta)["stamp"] == _stamp(sources, settings)):
         try:
@@ -204,13 +203,13 @@ def build(corpus, docs, folder, sources, settings):
         if not os.path.exists(sources[key]):
             raise DataError(f"{corpus}: no {what} at {sources[key]} (run {script} first)")
     if sources["docasq"] and not os.path.exists(sources["docasq"]):
-        write_jsonl(docasq_rows(docs, task_instruction(sources["docs"]), settings["DOCASQ_N"], settings["DOCASQ_WORDS"],
-                                settings["SEED"]), sources["docasq"])
+        write_jsonl(docasq_rows(docs, task_instruction(sources["docs"]), settings.docasq_n, settings.docasq_words,
+                                settings.seed), sources["docasq"])
         log.info("%s: document-as-query examples -> %s", corpus, sources["docasq"])
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    n_docs = _write_docs(docs, tmp, corpus, settings["RANK_LOSS"])
+    n_docs = _write_docs(docs, tmp, corpus, settings.rank_loss)
     warnings = _write_docids(sources["docids"], DocTable(tmp), tmp)
     table = DocTable(tmp)
     files = [p for p in (sources["queries"], sources["docasq"]) if p]
@@ -227,9 +226,9 @@ def build(corpus, docs, folder, sources, settings):
         raise DataError(f"{corpus}: no training examples (no training query points to a document with a DocID)")
     groups = np.sort(first[first >= 0])
     np.save(os.path.join(tmp, "groups.npy"), groups)
-    if settings["RANK_LOSS"]:
+    if settings.rank_loss:
         np.lib.format.open_memmap(os.path.join(tmp, "bm25_top.npy"), "w+", np.int32,
-                                  (len(groups), settings["NEGATIVE_DEPTH"])).flush()
+                                  (len(groups), settings.negative_depth)).flush()
     write_json({"stamp": _stamp(sources, settings), "files": files, "counts": counts, "docs": n_docs,
                 "docids": len(table), "groups": len(groups), "skipped": skipped, "warnings": warnings},
                os.path.join(tmp, "meta.json"))
@@ -379,13 +378,13 @@ class EncodedExamples(torch.utils.data.Dataset):
         return encode(self.tokenizer, data.row(i), data.docs.docids[int(data.doc[i])], self.settings)
 
 
-class RankGroups(lm.SeededBatches):
-    """The ranking loss's batches: every RANK_EVERY steps, BATCH_SIZE // GROUP_SIZE random groups (drawn by
+class RankGroups(sft.SeededBatches):
+    """The ranking loss's batches: every rank_every steps, batch_size // group_size random groups (drawn by
     `rng`, whose state the epoch checkpoints keep), each a document's first training query with that
-    document and GROUP_SIZE - 1 negatives drawn from the query's BM25 top NEGATIVE_DEPTH (over `index`, a
+    document and group_size - 1 negatives drawn from the query's BM25 top negative_depth (over `index`, a
     BM25Index or the corpus rows; searched when the group is first drawn, kept in bm25_top) minus the
     positive and documents without a DocID (`docids`: doc id -> DocID), by a generator seeded with
-    (SEED, group): the same ones at every draw; random documents with a DocID top up a short list."""
+    (seed, group): the same ones at every draw; random documents with a DocID top up a short list."""
 
     def __init__(self, tokenizer, index, docids, data, token_id, settings):
         self.index = index if isinstance(index, bm25.BM25Index) else bm25.BM25Index(index)
@@ -393,15 +392,14 @@ class RankGroups(lm.SeededBatches):
         self.token_id, self.settings = token_id, settings
         self.top = np.load(os.path.join(data.folder, "bm25_top.npy"), mmap_mode="r+")
         self.known = np.zeros(len(data.groups), bool)
-        self.rng = random.Random(settings["SEED"])
-        self.group_size = settings["GROUP_SIZE"]
-        self.per_step = max(1, settings["BATCH_SIZE"] // self.group_size)
-        self.active = len(data.groups) > 0 and len(docids) >= self.group_size  # else too few DocIDs for a group
-        log.info("ranking loss: %d groups of %d (every %d steps)%s", len(data.groups), self.group_size,
-                 settings["RANK_EVERY"], "" if self.active else f"; off: {len(docids)} documents with a DocID")
+        self.rng = random.Random(settings.seed)
+        self.per_step = max(1, settings.batch_size // settings.group_size)
+        self.active = len(data.groups) > 0 and len(docids) >= settings.group_size  # else too few DocIDs for a group
+        log.info("ranking loss: %d groups of %d (every %d steps)%s", len(data.groups), settings.group_size,
+                 settings.rank_every, "" if self.active else f"; off: {len(docids)} documents with a DocID")
 
     def __call__(self, step):
-        if not self.active or step % self.settings["RANK_EVERY"] != 0:
+        if not self.active or step % self.settings.rank_every != 0:
             return None
         examples, n = [], len(self.data.groups)
         for group in self.rng.sample(range(n), min(self.per_step, n)):
@@ -412,7 +410,7 @@ class RankGroups(lm.SeededBatches):
                 examples.append(encode(self.tokenizer, row, self.docids[doc_id], self.settings))
         batch = lm.collate(examples, self.tokenizer.pad_token_id)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "token_id": self.token_id, "group_size": self.group_size}
+                "token_id": self.token_id, "group_size": self.settings.group_size}
 
     def candidates(self, group, query):
         """Corpus positions of a group's BM25 top documents, searched on first use."""
@@ -426,10 +424,10 @@ class RankGroups(lm.SeededBatches):
         return row[row >= 0]
 
     def negatives(self, group, query, positive):
-        ids, want = self.index.doc_ids, self.group_size - 1
+        ids, want = self.index.doc_ids, self.settings.group_size - 1
         found = [ids[i] for i in self.candidates(group, query).tolist()]
         found = [d for d in found if d != positive and d in self.docids]
-        rng = np.random.default_rng([self.settings["SEED"], group])
+        rng = np.random.default_rng([self.settings.seed, group])
         if len(found) >= want:
             return [found[j] for j in rng.choice(len(found), want, replace=False)]
         while len(found) < want:

@@ -22,7 +22,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import genir
-from decoding import PromptBatch, RowWarper, decode
+from decoding import PromptBatch, decode
+from sampling import RowWarper
 from prefix_tree import PrefixTree
 from reference_decoder import DictTrie, reference_decode
 

@@ -8,7 +8,7 @@
    with the demo's instruction.
 2. The measuring process builds genir's training data as genir.train_corpus does (training_queries,
    then training_data; ranking loss on) with the tiny model's tokenizer, then draws the first
-   --batches LM batches (lm.sft_loader, as lm.train_sft) and the ranking batches due at those steps.
+   --batches LM batches (sft.sft_loader, as sft.train_sft) and the ranking batches due at those steps.
    Nothing is stored per token (examples are tokenized when drawn), so the vocabulary size (4096
    here, 128k for Llama 3) changes no stored width.
 3. A fresh process opens the built data as every other rank of a launch does and draws the same
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 import mair_config
+import sft
 from benchmarks.procmem import reset_peak, status_kb
 
 CORPUS = "PyDoc-Net"
@@ -102,7 +103,7 @@ def measure(root, work, n_batches):
     data = genir.training_queries(CORPUS, train_data.CorpusFile(mair_config.corpus_docs_path(CORPUS, root)))
     examples, supplier = genir.training_data(data, tokenizer, token_id)
     built = time.time() - started
-    loader = iter(lm.sft_loader(examples, genir.C["BATCH_SIZE"], genir.C["SEED"], tokenizer.pad_token_id))
+    loader = iter(sft.sft_loader(examples, genir.C["BATCH_SIZE"], genir.C["SEED"], tokenizer.pad_token_id))
     times = []
     for step in range(n_batches):
         t0 = time.time()

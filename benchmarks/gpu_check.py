@@ -30,6 +30,7 @@ import generation
 import genir
 import lm
 import mair_config
+import sft
 from decoding import MODES, decode
 from file_io import read_jsonl
 from models import build_tiny
@@ -71,9 +72,9 @@ def check_training(device, tmp, smoke):
     out = os.path.join(tmp, "sft")
 
     def train(epochs):
-        model, tokenizer, resume = lm.load_for_training(build_tiny.OUT_DIR, out)
+        model, tokenizer, resume = sft.load_for_training(build_tiny.OUT_DIR, out)
         examples = [lm.encode_example(tokenizer, lm.truncate_words(d["doc"], 48), d["id"], 128) for d in docs]
-        summary = lm.train_sft(model, tokenizer, examples, out, lm.SFTSettings(**dict(cfg, epochs=epochs)),
+        summary = sft.train_sft(model, tokenizer, examples, out, sft.SFTSettings(**dict(cfg, epochs=epochs)),
                                resume_from=resume, desc="gpu_check")
         return model, summary
 

@@ -10,10 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorLis
 import decoding
 import file_io
 import mair_config
-from decoding import DecodeSettings, TrieLogitsProcessor, decode, reverse_annealed_temperatures
+import sampling
+from decoding import DecodeSettings, TrieLogitsProcessor, decode
 from device_trie import DeviceTrie, Removals, _live_candidates, _RootCandidates
 from prefix_tree import PrefixTree
 from reference_decoder import DictTrie, reference_decode, shortest_unique_paths
+from sampling import reverse_annealed_temperatures
 
 TASK = "PyDoc-Net"
 N_DOCS, N_QUERIES, K = 300, 5, 15
@@ -80,8 +82,8 @@ def test_schedule():
     assert len(t) == 100 and t[0] == 0.0
     assert np.all(np.diff(t) > 0)
     assert [round(float(t[i]), 3) for i in (10, 20, 99)] == [0.474, 0.948, 1.5]
-    assert decoding.annealed_temperature(100, PAPER.K, PAPER.slope, PAPER.midpoint, PAPER.t_max) == pytest.approx(1.5)
-    assert decoding.annealed_temperature(7, K=7, k=3, m=0.4, t_max=2.0) == pytest.approx(2.0)
+    assert sampling.annealed_temperature(100, PAPER.K, PAPER.slope, PAPER.midpoint, PAPER.t_max) == pytest.approx(1.5)
+    assert sampling.annealed_temperature(7, K=7, k=3, m=0.4, t_max=2.0) == pytest.approx(2.0)
     assert reverse_annealed_temperatures(K=10, k=PAPER.slope, m=PAPER.midpoint, t_max=0.0).max() == 0.0
 
 
@@ -145,7 +147,7 @@ def test_a_query_draws_the_same_docids_in_any_batch(setup, mode):
 
 
 def test_counter_uniform_is_uniform_and_keyed():
-    from decoding import counter_uniform
+    from sampling import counter_uniform
     u = counter_uniform(torch.arange(200_000), torch.tensor(3), torch.tensor(0), torch.tensor(11))
     assert 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002

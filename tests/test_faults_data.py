@@ -7,9 +7,9 @@ import pytest
 
 import data
 import file_io
-import lm
 import mair_config as mc
 import metrics
+import sft
 import sftid
 import sftqg
 from file_io import DataError
@@ -50,10 +50,10 @@ def test_qrels_errors_name_the_physical_line(tmp_path):
     numbered = list(file_io.iter_rows(path, ("qid", "labels")))
     rows, lines = [r for _, r in numbered], [n for n, _ in numbered]
     with pytest.raises(DataError, match=r"queries\.jsonl:4: label .* needs an 'id' and an integer 'score'"):
-        metrics.qrels_from_queries(rows, source=path, lines=lines)
+        data.qrels_from_queries(rows, source=path, lines=lines)
     rows[1] = rows[0]
     with pytest.raises(DataError, match=r"queries\.jsonl:4: duplicate qid 'a'"):
-        metrics.qrels_from_queries(rows, source=path, lines=lines)
+        data.qrels_from_queries(rows, source=path, lines=lines)
 
 
 # ----------------------------------------------------------------------------- non-UTF-8 bytes
@@ -106,7 +106,7 @@ def test_sft_scripts_train_only_on_nonempty_rows(tmp_path, monkeypatch, caplog, 
     file_io.write_jsonl(rows, path)
     trained = []
     monkeypatch.setattr(script, "C", dict(script.C))
-    monkeypatch.setattr(lm, "run_sft", lambda base_model, out_dir, settings, encode, desc: trained.append(encode))
+    monkeypatch.setattr(sft, "run_sft", lambda base_model, out_dir, settings, encode, desc: trained.append(encode))
     monkeypatch.setattr(script, "encode", lambda tokenizer, rows: rows)
     with caplog.at_level(logging.WARNING, logger="file_io"):
         script.main([f"--SFT_DATA={path}"])
@@ -134,12 +134,12 @@ def layout(tmp_path):
 def test_built_sft_data_skips_empty_queries_and_documents(layout, caplog):
     root, _ = layout
     with caplog.at_level(logging.WARNING):
-        rows = sftqg.build_sft_data(["PyDoc-Net"], root)
+        rows = data.query_sft_rows(["PyDoc-Net"], root)
     assert [(r["query"], r["doc"]) for r in rows] == [("a", "alpha"), ("c", "gamma")]
     queries = mc.queries_path("PyDoc-Net", root)
     assert f"{queries}: 1 row(s) with an empty query skipped (line 2)" in caplog.text
     assert f"{queries}: 1 label(s) of an empty document skipped (line 3)" in caplog.text
-    docids = sftid.build_sft_data(["PyDoc-Net"], root)
+    docids = data.docid_sft_rows(["PyDoc-Net"], root, None)
     assert [r["input"] for r in docids] == ["alpha", "gamma"] and all(r["output"] for r in docids)
 
 

@@ -11,6 +11,8 @@ import genir
 import mair_config as mc
 import metrics
 import prefix_tree
+import results
+from data import qrels_from_queries
 from file_io import read_json, read_jsonl, write_jsonl
 from prefix_tree import PrefixTree, TrieCacheError
 from test_genir import _settings
@@ -121,10 +123,10 @@ def test_degenerate_docids_are_warned_with_rate_and_distinct_count(settings):
 def test_queries_without_a_relevant_label_are_counted_kept_or_dropped():
     rows = [{"qid": "1", "query": "x", "labels": [{"id": "d1", "score": 1}]},
             {"qid": "2", "query": "y", "labels": [{"id": "d2", "score": 0}]}]
-    kept, report = metrics.qrels_from_queries(rows)
+    kept, report = qrels_from_queries(rows)
     assert set(kept) == {"1", "2"} and report["no_relevant"] == 1 and report["no_relevant_dropped"] == 0
     assert "each scores 0 in every average" in metrics.qrels_notes("T", report)[0]
-    dropped, report = metrics.qrels_from_queries(rows, drop_no_relevant=True)
+    dropped, report = qrels_from_queries(rows, drop_no_relevant=True)
     assert set(dropped) == {"1"} and report["no_relevant"] == 1 and report["no_relevant_dropped"] == 1
     assert "left out of the qrels" in metrics.qrels_notes("T", report)[0]
     run = {"1": {"d1": 1.0}, "2": {"d2": 1.0}}
@@ -147,16 +149,12 @@ def test_rankings_shorter_than_a_cutoff_are_noted_under_its_table():
 
 def test_failure_records_keep_only_what_still_stands(settings):
     path = os.path.join(genir.run_dir(), "failures.json")
-    genir.C["STAGE"] = "all"
-    genir.write_failures({"A": "training: DataError: x", "T": "evaluation: RuntimeError: y"})
-    genir.C["STAGE"] = "train"  # a training rerun leaves the evaluation failure standing
-    genir.write_failures({})
+    results.write_failures(genir.run_dir(), "all", {"A": "training: DataError: x", "T": "evaluation: RuntimeError: y"})
+    results.write_failures(genir.run_dir(), "train", {})  # a training rerun leaves the evaluation failure standing
     assert read_json(path) == {"T": "evaluation: RuntimeError: y"}
-    genir.C["STAGE"] = "eval"
-    genir.write_failures({"U": "evaluation: DataError: z"})
+    results.write_failures(genir.run_dir(), "eval", {"U": "evaluation: DataError: z"})
     assert read_json(path) == {"U": "evaluation: DataError: z"}
-    genir.C["STAGE"] = "all"
-    genir.write_failures({})
+    results.write_failures(genir.run_dir(), "all", {})
     assert not os.path.exists(path)
 
 

@@ -17,6 +17,7 @@ import torch
 
 import lm
 import mair_config as mc
+import sft
 import shards
 from file_io import read_json, read_jsonl, write_jsonl
 from small_corpus import write_small_corpus
@@ -38,7 +39,7 @@ def examples(tokenizer):
             for d in docs]
 
 
-class NoisyBatches(lm.SeededBatches):
+class NoisyBatches(sft.SeededBatches):
     """Every other step a batch of 4 examples drawn by its own generator; SIGKILLs this process at
     step `kill_step`."""
 
@@ -54,7 +55,7 @@ class NoisyBatches(lm.SeededBatches):
 def noisy_loss(model, batch):
     """The LM loss of the extra batch, weighted by draws from python's, numpy's and torch's generators."""
     weight = random.random() + float(np.random.rand()) + torch.rand(()).item()
-    return weight * lm.SFTModule(model)(**batch)
+    return weight * sft.SFTModule(model)(**batch)
 
 
 def train(out, base, epochs=3, kill_step=None, kill_in_save=None):
@@ -68,9 +69,9 @@ def train(out, base, epochs=3, kill_step=None, kill_in_save=None):
             save(obj, path)
 
         torch.save = dying_save
-    model, tok, resume = lm.load_for_training(base, out)
+    model, tok, resume = sft.load_for_training(base, out)
     ex = examples(tok)
-    return lm.train_sft(model, tok, ex, out, lm.SFTSettings(**{**CFG, "epochs": epochs}), extra_loss=noisy_loss,
+    return sft.train_sft(model, tok, ex, out, sft.SFTSettings(**{**CFG, "epochs": epochs}), extra_loss=noisy_loss,
                         extra_batches=NoisyBatches(ex, tok.pad_token_id, kill_step), resume_from=resume)
 
 
@@ -150,7 +151,7 @@ def test_leftover_temporary_checkpoint_is_removed_and_named(tmp_path, caplog):
         (out / name).mkdir(parents=True)
         (out / name / "trainer_state.json").write_text("{}")
     (out / "checkpoint-epoch3").mkdir()  # no trainer_state.json: not a checkpoint
-    assert lm.last_checkpoint(str(out)).endswith("checkpoint-epoch10")
+    assert sft.last_checkpoint(str(out)).endswith("checkpoint-epoch10")
     assert "removing checkpoint-epoch2.tmp" in caplog.text
     assert sorted(os.listdir(out)) == ["checkpoint-epoch1", "checkpoint-epoch10", "checkpoint-epoch3"]
 

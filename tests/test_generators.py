@@ -16,8 +16,8 @@ import generation
 import lm
 import mair_config as mc
 import qg_vllm
+import sft
 import shards
-import sftid
 import sftqg
 from config import parse_args
 from docids import ExtractiveTeacher, normalize_docid
@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def sft_settings(**values):
     """SFT settings for the tiny model: `values` over the scripts' usual ones."""
-    return lm.SFTSettings(**{"grad_accum": 1, "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": 0,
+    return sft.SFTSettings(**{"grad_accum": 1, "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": 0,
                              "log_every": 10, "wandb": None, "wandb_project": "zerogr", "keep_checkpoints": 0,
                              "dist_timeout": 1800, **values})
 
@@ -55,23 +55,24 @@ def test_encode_example_masks_the_prompt(tiny_model_path):
     assert all(x == lm.IGNORE_INDEX for x in ex["labels"][:len(prompt)])
     answer = [t for t in ex["labels"] if t != lm.IGNORE_INDEX]
     assert tok.decode(answer) == "socket close" + tok.eos_token
-    cut = lm.encode_example(tok, "find the socket", "socket close", max_len=len(prompt) + 1)
-    assert len(cut["input_ids"]) == len(prompt) + 1 and len([t for t in cut["labels"] if t >= 0]) == 1
+    cut = lm.encode_example(tok, "find the socket", "socket close", max_len=len(ex["input_ids"]) - 1)
+    assert len(cut["input_ids"]) == len(ex["input_ids"]) - 1  # MAX_LEN cuts the prompt's text, not the answer
+    assert [t for t in cut["labels"] if t != lm.IGNORE_INDEX] == answer
     batch = lm.collate([ex, cut], tok.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["attention_mask"][1].sum() == len(cut["input_ids"])
 
 
 def test_sft_lowers_the_loss_and_the_checkpoint_reloads_and_generates(tmp_path, tiny_model_path, demo_root):
-    rows = sftqg.build_sft_data(["PyCode-Text"], demo_root)[:48]
+    rows = data.query_sft_rows(["PyCode-Text"], demo_root)[:48]
     model, tok = lm.load_model(tiny_model_path)
     examples = sftqg.encode(tok, rows)
     out = str(tmp_path / "qg")
     cfg = sft_settings(lr=3e-3, epochs=4, batch_size=16, warmup_steps=2)
-    summary = lm.train_sft(model, tok, examples, out, cfg, desc="test")
+    summary = sft.train_sft(model, tok, examples, out, cfg, desc="test")
     losses = [h["loss"] for h in summary["history"]]
     assert losses[-1] < 0.8 * losses[0]
-    assert lm.training_done(out) and lm.last_checkpoint(out).endswith("checkpoint-epoch4")
+    assert sft.training_done(out) and sft.last_checkpoint(out).endswith("checkpoint-epoch4")
     assert not os.path.exists(os.path.join(out, "checkpoint-epoch3", "optimizer.pt"))
     gen = generation.HFGenerator(out, batch_size=4)
     prompts = [lm.chat_prompt_ids(gen.tokenizer, f"prompt {i}") for i in range(3)]
@@ -80,29 +81,29 @@ def test_sft_lowers_the_loss_and_the_checkpoint_reloads_and_generates(tmp_path, 
 
 
 def test_training_resumes_from_the_newest_checkpoint(tmp_path, tiny_model_path, demo_root):
-    rows = sftqg.build_sft_data(["PyCode-Text"], demo_root)[:16]
+    rows = data.query_sft_rows(["PyCode-Text"], demo_root)[:16]
     out = str(tmp_path / "qg")
     cfg = sft_settings(lr=1e-3, epochs=1, batch_size=8, warmup_steps=0)
     model, tok = lm.load_model(tiny_model_path)
-    lm.train_sft(model, tok, sftqg.encode(tok, rows), out, cfg)
+    sft.train_sft(model, tok, sftqg.encode(tok, rows), out, cfg)
     os.remove(os.path.join(out, "training_complete.json"))
-    model, tok, resume = lm.load_for_training(tiny_model_path, out)
+    model, tok, resume = sft.load_for_training(tiny_model_path, out)
     assert resume.endswith("checkpoint-epoch1")
-    summary = lm.train_sft(model, tok, sftqg.encode(tok, rows), out, dataclasses.replace(cfg, epochs=2),
+    summary = sft.train_sft(model, tok, sftqg.encode(tok, rows), out, dataclasses.replace(cfg, epochs=2),
                            resume_from=resume)
     assert [h["epoch"] for h in summary["history"]] == [1, 2] and summary["global_step"] == 4
 
 
 def test_sft_data_builders_and_bad_lines(tmp_path, demo_root):
-    qg = sftqg.build_sft_data(["PyCode-Text"], demo_root)
+    qg = data.query_sft_rows(["PyCode-Text"], demo_root)
     assert qg and set(qg[0]) == {"instruction", "query", "doc"}
-    docid = sftid.build_sft_data(["PyCode-Text"], demo_root)
+    docid = data.docid_sft_rows(["PyCode-Text"], demo_root, None)
     assert len(docid) == len(read_jsonl(mc.docs_path("PyCode-Text", demo_root)))
     assert all(1 <= len(r["output"].split()) <= 8 for r in docid)
     teacher = tmp_path / "teacher.jsonl"
     first = read_jsonl(mc.docs_path("PyCode-Text", demo_root))[0]["id"]
     write_jsonl([{"id": first, "gist": "The Teacher's DocID, Written By GPT"}], str(teacher))
-    with_teacher = sftid.build_sft_data(["PyCode-Text"], demo_root, str(teacher))
+    with_teacher = data.docid_sft_rows(["PyCode-Text"], demo_root, str(teacher))
     assert with_teacher[0]["output"] == "teacher s docid written by gpt"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "i", "query": "q", "doc": "d"}\n{"instruction": "i", "doc": "d"}\n')
@@ -285,7 +286,7 @@ def test_two_process_training_under_accelerate_launch(tmp_path, tiny_model_path,
     """`accelerate launch --cpu` alone starts one process; the multi-process CPU form must give 2."""
     out = str(tmp_path / "qg2")
     config = str(tmp_path / "cfg.json")
-    rows = sftqg.build_sft_data(["PyCode-Text"], demo_root)[:32]
+    rows = data.query_sft_rows(["PyCode-Text"], demo_root)[:32]
     write_jsonl(rows, str(tmp_path / "sft.jsonl"))
     write_json({"sftqg": {"BASE_MODEL": tiny_model_path, "OUT_DIR": out, "SFT_DATA": str(tmp_path / "sft.jsonl"),
                           "EPOCHS": 1, "BATCH_SIZE": 4, "WARMUP_STEPS": 1, "LR": 1e-3}}, config)

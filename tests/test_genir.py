@@ -10,6 +10,9 @@ import genir
 import lm
 import mair_config as mc
 import metrics
+import ranking
+import train_data
+from data import eval_queries, load_docids
 from file_io import read_json, read_jsonl, write_json, write_jsonl
 from small_corpus import write_small_corpus
 
@@ -64,7 +67,7 @@ def test_training_lowers_the_loss_and_retrieves_training_queries(trained, settin
     for i, q in enumerate(queries):
         q["qid"] = str(i)
     docs = read_jsonl(mc.docs_path("PyDoc-Net", trained["root"]))
-    gists, _ = genir.load_docids("PyDoc-Net", docs)
+    gists, _ = load_docids(mc.gist_path("PyDoc-Net", root=trained["root"]), docs, "PyDoc-Net")
     model, tok = lm.load_model(genir.model_dir("PyDoc-Net"))
     tree = genir.load_trie("PyDoc-Net", tok, docs, gists)
     rankings = genir.decode_queries(model, tok, tree, queries, "greedy")
@@ -101,14 +104,15 @@ def test_written_run_is_evaluated_to_hand_computed_metrics(tmp_path):
 
 def test_ranking_loss_step_runs(trained, settings):
     docs = read_jsonl(mc.docs_path("PyDoc-Net", trained["root"]))
-    gists, _ = genir.load_docids("PyDoc-Net", docs)
+    gists, _ = load_docids(mc.gist_path("PyDoc-Net", root=trained["root"]), docs, "PyDoc-Net")
     model, tok = lm.load_model(genir.model_dir("PyDoc-Net"))
     token = genir.rank_token_id(tok)
-    supplier = genir.rank_groups(tok, docs, gists, genir.training_queries("PyDoc-Net", docs), token)
+    supplier = train_data.RankGroups(tok, docs, gists, genir.training_queries("PyDoc-Net", docs), token,
+                                     genir.train_data_settings())
     assert supplier(1) is None
     batch = supplier(0)
     assert batch["input_ids"].shape[0] == 16 and batch["group_size"] == 4
-    loss = genir.ranknet_loss(model, batch)
+    loss = ranking.ranknet_loss(model, batch)
     loss.backward()
     assert loss.item() > 0 and model.get_output_embeddings().weight.grad is not None
 
@@ -121,7 +125,7 @@ def test_unknown_labels_and_empty_queries_are_reported(settings, trained):
     write_jsonl(bad, path)
     try:
         docs = read_jsonl(mc.docs_path("PyDoc-Net", trained["root"]))
-        queries, qrels, report = genir.eval_queries("PyDoc-Net", {d["id"] for d in docs})
+        queries, qrels, report = eval_queries(path, {d["id"] for d in docs}, genir.C["DROP_NO_POSITIVE"])
         assert report["unknown_labels"] == 1 and report["empty_query"] == 1
         assert "x1" in qrels and "x2" in qrels and "x2" not in {q["qid"] for q in queries}
     finally:
@@ -149,7 +153,7 @@ def test_docid_file_not_covering_every_document_is_counted(settings, trained):
     rows = read_jsonl(gist)
     write_jsonl(rows[:-3] + [{"id": "ghost", "gist": "x y"}], gist)
     try:
-        gists, warnings = genir.load_docids("PyDoc-Net", docs)
+        gists, warnings = load_docids(gist, docs, "PyDoc-Net")
     finally:
         write_jsonl(rows, gist)
     assert len(gists) == len(docs) - 3
@@ -208,8 +212,9 @@ def test_fast_rerank_equals_scoring_whole_sequences(trained, settings):
     """Rerank shares each prompt's cache across its candidates; the order must be that of scoring
     every [query -> DocID] sequence on its own."""
     docs = read_jsonl(mc.docs_path("PyDoc-Net", trained["root"]))
-    gists, _ = genir.load_docids("PyDoc-Net", docs)
-    queries, _, _ = genir.eval_queries("PyDoc-Net", {d["id"] for d in docs})
+    gists, _ = load_docids(mc.gist_path("PyDoc-Net", root=trained["root"]), docs, "PyDoc-Net")
+    queries, _, _ = eval_queries(mc.queries_path("PyDoc-Net", trained["root"]), {d["id"] for d in docs},
+                                 genir.C["DROP_NO_POSITIVE"])
     queries = queries[:4]
     model, tok = lm.load_model(genir.model_dir("PyDoc-Net"))
     token = genir.rank_token_id(tok)
@@ -218,9 +223,10 @@ def test_fast_rerank_equals_scoring_whole_sequences(trained, settings):
     fast = genir.rerank(model, tok, queries, rankings, gists, token)
     for q in queries:
         cands = rankings[str(q["qid"])]
-        prompt = genir.query_prompt(tok, q.get("instruction"), q["query"], genir.C["MAX_EVAL_QUERY_TOKENS"])
+        prompt = train_data.query_prompt(tok, q.get("instruction"), q["query"], genir.C["MAX_INSTRUCTION_TOKENS"],
+                                         genir.C["MAX_EVAL_QUERY_TOKENS"])
         batch = lm.collate([lm.encode_example(tok, prompt, gists[d], 1000) for d in cands], tok.pad_token_id)
-        scores = genir.rank_scores(model, batch["input_ids"], batch["attention_mask"], token).tolist()
+        scores = ranking.rank_scores(model, batch["input_ids"], batch["attention_mask"], token).tolist()
         assert fast[str(q["qid"])] == [cands[j] for j in sorted(range(len(cands)), key=lambda j: -scores[j])]
 
 

@@ -9,6 +9,7 @@ import pytest
 import bm25
 import mair_config
 import metrics
+from data import qrels_from_queries
 from file_io import DataError, read_jsonl
 
 LOG3 = np.log2(3)  # discount of rank 2
@@ -85,7 +86,7 @@ def test_qrels_report_unknown_labels_empty_queries(caplog):
     queries = [row("q1", "find", ("d1", 1), ("dX", 1)), row("q2", "more", ("dY", 2), ("dZ", 0)),
                row("q3", " ", ("d1", 0))]
     with caplog.at_level(logging.WARNING, logger="metrics"):
-        qrels, report = metrics.qrels_from_queries(queries, doc_ids=["d1", "d2"], source="TaskA")
+        qrels, report = qrels_from_queries(queries, doc_ids=["d1", "d2"], source="TaskA")
     assert qrels == {"q1": {"d1": 1, "dX": 1}, "q2": {"dY": 2, "dZ": 0}, "q3": {"d1": 0}}  # unknown labels kept
     assert report["queries"] == 3 and report["labels"] == 5
     assert report["unknown_labels"] == 3
@@ -99,12 +100,12 @@ def test_qrels_report_unknown_labels_empty_queries(caplog):
 
 
 def test_qrels_without_corpus_and_bad_rows():
-    qrels, report = metrics.qrels_from_queries([{"qid": 7, "query": "x", "labels": [{"id": 3, "score": 1.0}]}])
+    qrels, report = qrels_from_queries([{"qid": 7, "query": "x", "labels": [{"id": 3, "score": 1.0}]}])
     assert qrels == {"7": {"3": 1}} and report["unknown_labels"] == 0
     with pytest.raises(DataError, match="duplicate qid 'a'"):
-        metrics.qrels_from_queries([{"qid": "a", "labels": []}] * 2, source="S")
+        qrels_from_queries([{"qid": "a", "labels": []}] * 2, source="S")
     with pytest.raises(DataError, match="S: query row 0"):
-        metrics.qrels_from_queries([{"qid": "a"}], source="S")
+        qrels_from_queries([{"qid": "a"}], source="S")
 
 
 def test_trec_run_round_trip(tmp_path):
@@ -155,7 +156,7 @@ def test_bm25_ties_broken_by_corpus_order_and_k_cut():
 def test_bm25_on_demo_corpus(demo_root):
     task = "PyDoc-Net"
     docs, queries = read_jsonl(mair_config.docs_path(task)), read_jsonl(mair_config.queries_path(task))
-    qrels, report = metrics.qrels_from_queries(queries, [d["id"] for d in docs], task)
+    qrels, report = qrels_from_queries(queries, [d["id"] for d in docs], task)
     assert report["unknown_labels"] == 0
     index = bm25.BM25Index(docs)
     rankings = bm25.bm25_search(index, queries, k=100)

@@ -13,7 +13,9 @@ import bm25
 import genir
 import lm
 import mair_config as mc
+import sft
 import train_data
+from data import load_docids
 from file_io import DataError, read_jsonl, read_rows, write_jsonl
 from small_corpus import write_small_corpus
 
@@ -70,7 +72,7 @@ def reference_docasq(docs, instruction):
 
 def reference_examples(tokenizer, docs, root):
     """The training examples as genir.train_corpus encoded them before train_data (copied)."""
-    gists, _ = genir.load_docids(TASK, docs)
+    gists, _ = load_docids(mc.gist_path(TASK, root=root), docs, TASK)
     queries = read_rows(mc.pseudo_queries_path(TASK, "QG", 2, root), ("instruction", "query", "labels"))
     queries += read_rows(mc.docasq_path(TASK, 2, root), ("instruction", "query", "labels"))
     examples = []
@@ -78,7 +80,8 @@ def reference_examples(tokenizer, docs, root):
         doc_id = str(q["labels"][0]["id"])
         if doc_id not in gists:
             continue
-        prompt = genir.query_prompt(tokenizer, q["instruction"], q["query"], genir.C["MAX_QUERY_TOKENS"])
+        prompt = train_data.query_prompt(tokenizer, q["instruction"], q["query"], genir.C["MAX_INSTRUCTION_TOKENS"],
+                                         genir.C["MAX_QUERY_TOKENS"])
         examples.append(lm.encode_example(tokenizer, prompt, gists[doc_id], genir.C["MAX_LEN"]))
     return queries, examples
 
@@ -89,7 +92,7 @@ def test_docasq_file_is_the_former_one(setup):
 
 
 def test_loader_yields_the_former_batches(setup):
-    """A full epoch (two, so the generator's state carries over alike) of lm.train_sft's loader over
+    """A full epoch (two, so the generator's state carries over alike) of sft.train_sft's loader over
     the new dataset equals the old DataLoader over the old list, tensor for tensor."""
     tok = setup["tokenizer"]
     queries, reference = reference_examples(tok, setup["docs"], setup["root"])
@@ -100,7 +103,7 @@ def test_loader_yields_the_former_batches(setup):
     old = torch.utils.data.DataLoader(reference, batch_size=size, shuffle=True,
                                       generator=torch.Generator().manual_seed(seed),
                                       collate_fn=lambda b: lm.collate(b, tok.pad_token_id))
-    new = lm.sft_loader(examples, size, seed, tok.pad_token_id)
+    new = sft.sft_loader(examples, size, seed, tok.pad_token_id)
     for _ in range(2):
         batches = list(new)
         assert len(batches) == len(old)
@@ -109,7 +112,7 @@ def test_loader_yields_the_former_batches(setup):
 
 
 def test_docid_table_is_load_docids(setup):
-    gists, warnings = genir.load_docids(TASK, setup["docs"])
+    gists, warnings = load_docids(mc.gist_path(TASK, root=setup["root"]), setup["docs"], TASK)
     data = setup["supplier"].data
     assert dict(data.docs.items()) == gists and len(data.docs) == len(gists) == N_DOCS - NO_DOCID - 1
     assert data.meta["warnings"] == warnings and len(warnings) == 2
@@ -157,7 +160,7 @@ def test_ranking_groups_and_their_lazy_negatives(setup):
         found = supplier.top[g][supplier.top[g] >= 0].tolist()
         assert [index.doc_ids[i] for i in found] == index.search([row["query"]], k=100)[0]
         assert supplier.negatives(g, row["query"], positive) == negatives
-    again = genir.rank_groups(tok, docs, gists, data, setup["token_id"])
+    again = train_data.RankGroups(tok, docs, gists, data, setup["token_id"], genir.train_data_settings())
     rng, per_step = random.Random(genir.C["SEED"]), genir.C["BATCH_SIZE"] // genir.C["GROUP_SIZE"]
     for step in range(4 * genir.C["RANK_EVERY"]):
         batch, repeat = supplier(step), again(step)
@@ -168,7 +171,7 @@ def test_ranking_groups_and_their_lazy_negatives(setup):
         for g in rng.sample(range(len(groups)), per_step):
             positive, row = groups[g]
             for doc_id in [positive] + supplier.negatives(g, row["query"], positive):
-                expected.append(train_data.encode(tok, row, gists[doc_id], genir.C))
+                expected.append(train_data.encode(tok, row, gists[doc_id], genir.train_data_settings()))
         expected = lm.collate(expected, tok.pad_token_id)
         assert batch["group_size"] == genir.C["GROUP_SIZE"] and batch["token_id"] == setup["token_id"]
         for key in ("input_ids", "attention_mask"):
@@ -194,13 +197,14 @@ def test_rebuilt_when_a_source_changes(setup):
     ("docs", '{"id": "same", "doc": "a"}\n{"id": "same", "doc": "b"}\n', "duplicate document id 'same'"),
 ])
 def test_bad_data_is_a_clear_error(setup, tmp_path, what, line, message):
-    paths = train_data.source_paths(TASK, genir.C)
+    paths = train_data.source_paths(TASK, genir.train_data_settings())
     saved = open(paths[what], encoding="utf-8").read()
     with open(paths[what], "w", encoding="utf-8") as f:
         f.write(line)
     try:
         with pytest.raises(DataError, match=message):
-            train_data.prepare(TASK, train_data.CorpusFile(paths["docs"]), str(tmp_path / "set"), genir.C)
+            train_data.prepare(TASK, train_data.CorpusFile(paths["docs"]), str(tmp_path / "set"),
+                               genir.train_data_settings())
     finally:
         with open(paths[what], "w", encoding="utf-8") as f:
             f.write(saved)
