@@ -26,8 +26,9 @@ import decoding
 import lm
 import mair_config
 import metrics
-import results
+import quality
 import ranking
+import results
 import sft
 import train_data
 from config import declared, env_rank, parse_args, setup_logging
@@ -116,6 +117,12 @@ def model_dir(corpus):
 
 def train_data_settings():
     return declared(train_data.TrainDataSettings, C)
+
+
+def generator_quality(corpus):
+    """The figures qg_vllm.py and title_vllm.py wrote beside the corpus's pseudo-queries and DocIDs."""
+    sources = train_data.source_paths(corpus, train_data_settings())
+    return {"queries": quality.read_report(sources["queries"]), "docids": quality.read_report(sources["docids"])}
 
 
 def training_queries(corpus, docs):
@@ -280,6 +287,7 @@ def evaluate_task(task, bm25_cache):
     for name, rankings in runs.items():
         result["methods"][METHODS[name]], _ = metrics.evaluate(t.qrels, metrics.run_from_rankings(rankings))
     result["seconds"] = round(time.time() - started, 1)
+    result["generator_quality"] = generator_quality(t.corpus)
     result["settings"] = {k: C[k] for k in ("DECODE_MODE", "K", "SLOPE", "MIDPOINT", "T_MAX", "TOP_K", "TOP_P",
                                             "MAX_RESULTS", "SEED", "BM25_WITH_INSTRUCTION", "DROP_NO_POSITIVE")}
     if env_rank() == 0:

@@ -116,3 +116,23 @@ def write_report(output_path, figures, corpus, what):
 def read_report(output_path):
     path = report_path(output_path)
     return read_json(path) if os.path.exists(path) else None
+
+
+COLUMNS = ["self-retrieval", "duplicate queries", "query words", "DocID collisions raw / final", "DocID words",
+           "DocID words in document raw / final"]
+
+
+def table(rows, labels):
+    """Markdown table: per row, its `labels` cells then the figures of (queries, DocIDs) reports
+    (either may be None: "-")."""
+    lines = ["| " + " | ".join(labels + COLUMNS) + " |",
+             "| " + " | ".join(["---"] * len(labels) + ["---:"] * len(COLUMNS)) + " |"]
+    for cells, q, d in rows:
+        figures = ([f"{q['self_retrieval']:.1%}", f"{q['duplicate_share']:.1%}", f"{q['mean_words']:.1f}"]
+                   if q else ["-"] * 3)
+        figures += ([f"{d['raw']['collision_rate']:.1%} / {d['final']['collision_rate']:.1%}",
+                     f"{d['final']['mean_words']:.1f}",
+                     f"{d['raw']['in_document_share']:.1%} / {d['final']['in_document_share']:.1%}"]
+                    if d else ["-"] * 3)
+        lines.append("| " + " | ".join(list(cells) + figures) + " |")
+    return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ import os
 
 import mair_config
 import metrics
+import quality
 import sft
 from file_io import atomic_open, read_json, write_json
 
@@ -36,6 +37,20 @@ def ranking_limits(found):
     return [(what, depth, tasks) for (what, depth), tasks in limits.items()]
 
 
+def generator_section(found):
+    """results.md's table of the generator figures (quality.py) of each evaluated corpus, once each."""
+    rows = {}
+    for r in found.values():
+        g = r.get("generator_quality") or {}
+        if g.get("queries") or g.get("docids"):
+            rows.setdefault(r["corpus"], ((r["corpus"],), g.get("queries"), g.get("docids")))
+    if not rows:
+        return ""
+    return ("\n## Generator quality\n\nPseudo-queries and DocIDs of the documents scored by qg_vllm.py / "
+            "title_vllm.py (QUALITY_DOCS; see README, Generator quality).\n\n"
+            + quality.table(list(rows.values()), ["corpus"]))
+
+
 def write_results(run_dir, tasks, run_name, methods, wandb_setting=None, wandb_project="zerogr"):
     """Write `run_dir`/results.md from the finished tasks (and log them to wandb); its path, or None."""
     found = finished_results(run_dir, tasks)
@@ -50,6 +65,7 @@ def write_results(run_dir, tasks, run_name, methods, wandb_setting=None, wandb_p
     text = f"# Results: {run_name}\n\n{table}\n"
     if missing:
         text += f"\nNot finished: {', '.join(missing)}\n"
+    text += generator_section(found)
     if notes:
         text += "\n## Warnings\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     path = os.path.join(run_dir, "results.md")

@@ -18,6 +18,7 @@ import sys
 import time
 
 import mair_config as mc
+import quality
 from file_io import atomic_open, read_json, read_jsonl, write_json, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,22 +89,14 @@ def measure(out, data, name, qg_model, id_model, zero_shot, num_q, log):
 
 
 def table(results, n_docs, num_q):
-    """Markdown: one row per generator and corpus."""
-    lines = ["| generator | corpus | self-retrieval | duplicate queries | query words | DocID collisions raw / final "
-             "| DocID words | DocID words in document raw / final |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, by_corpus in results.items():
-        for corpus, f in by_corpus.items():
-            q, d = f["queries"], f["docids"]
-            lines.append(f"| {name} | {corpus} | {q['self_retrieval']:.1%} | {q['duplicate_share']:.1%} "
-                         f"| {q['mean_words']:.1f} | {d['raw']['collision_rate']:.1%} / {d['final']['collision_rate']:.1%} "
-                         f"| {d['final']['mean_words']:.1f} | {d['raw']['in_document_share']:.1%} / "
-                         f"{d['final']['in_document_share']:.1%} |")
-    first = next(iter(next(iter(results.values())).values()))
+    """Markdown: one row per generator and corpus, then what the figures mean."""
+    rows = [((name, corpus), f["queries"], f["docids"]) for name, by_corpus in results.items()
+            for corpus, f in by_corpus.items()]
+    first = rows[0]
     notes = [f"{n_docs} documents per corpus (the same for every generator), {num_q} pseudo-queries each, "
              "sampled at temperature 1; DocIDs: raw = generated text, final = after the format normaliser.",
-             *(f"{k}: {v}." for k, v in {**first["queries"]["definitions"], **first["docids"]["definitions"]}.items())]
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+             *(f"{k}: {v}." for k, v in {**first[1]["definitions"], **first[2]["definitions"]}.items())]
+    return quality.table(rows, ["generator", "corpus"]) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def write_readme(text, readme=os.path.join(ROOT, "README.md")):
@@ -120,7 +113,13 @@ def main(argv=None):
     parser.add_argument("--sft-examples", type=int, default=480, help="SmolLM2 SFT rows per generator (~15 min each)")
     parser.add_argument("--out", default="out/generator_quality")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    parser.add_argument("--table-only", action="store_true", help="rewrite README.md's table from OUT's saved figures")
     args = parser.parse_args(argv)
+    saved = os.path.join(ROOT, args.out, "generator_quality.json")
+    if args.table_only:
+        run = read_json(saved)
+        write_readme(table(run["results"], run["docs"], run["num_q"]))
+        return 0
     if not os.path.exists(os.path.join(ROOT, SMOL, "conversion.json")):
         raise SystemExit(f"{SMOL} is missing: run `make real-model` first")
     out, data = os.path.join(ROOT, args.out), os.path.join(ROOT, args.out, "data")
@@ -132,7 +131,7 @@ def main(argv=None):
                for name, models in generators(out, args.sft_examples, log).items()}
     text = table(results, args.docs, args.num_q)
     write_json({"results": results, "seconds": log, "docs": args.docs, "num_q": args.num_q,
-                "sft_examples": args.sft_examples}, os.path.join(out, "generator_quality.json"))
+                "sft_examples": args.sft_examples}, saved)
     print(text)
     print("step times (s):", json.dumps(log))
     if not args.no_readme:

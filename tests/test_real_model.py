@@ -114,6 +114,9 @@ def test_evaluation_writes_its_tables(pipeline):
     result = read_json(os.path.join(out, TASK, "metrics.json"))
     assert result["queries"] == len(pipeline["queries"]) > 0
     assert 0 <= result["methods"]["ZeroGR"]["Acc@1"] <= 1
+    quality = result["generator_quality"]  # copied from what qg_vllm.py and title_vllm.py wrote
+    assert quality["queries"]["documents"] == N_DOCS and quality["docids"]["final"]["documents"] == N_DOCS
+    assert "## Generator quality" in text
 
 
 @pytest.mark.parametrize("model", ["tiny", "smol"])
