@@ -129,6 +129,14 @@ def _apply(constants, overrides, source, defaults, text=False):
         log.debug("%s: %s = %r", source, name, value)
 
 
+def check_choices(constants, choices, source="settings"):
+    """SystemExit naming the key, the value and the allowed values when a constant of `choices`
+    ({key: allowed values}) has another value; call it right after parse_args."""
+    for key, allowed in choices.items():
+        if constants[key] not in allowed:
+            raise SystemExit(f"{source}: {key}={constants[key]!r} is not one of {', '.join(map(repr, allowed))}")
+
+
 def declared(cls, constants, **values):
     """A settings dataclass `cls` from a script's constants: each field from the constant of the same
     name in upper case, unless given in `values`. A field with no such constant is a programming

@@ -85,3 +85,9 @@ def test_declared_settings_come_from_the_constants_by_name():
     assert (s.lr, s.epochs, s.seed) == (0.5, 3, 7)
     with pytest.raises(KeyError, match="Settings.seed: no constant SEED"):
         config.declared(Settings, {"LR": 0.5, "EPOCHS": 3})
+
+
+def test_a_switch_given_an_unknown_value_names_the_setting():
+    config.check_choices({"MODE": "joint"}, {"MODE": ("released", "joint")})
+    with pytest.raises(SystemExit, match="MODE='both' is not one of 'released', 'joint'"):
+        config.check_choices({"MODE": "both"}, {"MODE": ("released", "joint")})
