@@ -1,6 +1,9 @@
-"""BM25 with bm25s's Lucene variant (k1=1.5, b=0.75), English stopwords and the PyStemmer English
-stemmer (what bm25s recommends): the baseline of every results table and the source of the
-ranking loss's negatives. The index is built in chunks and saved as memory-mappable arrays.
+"""BM25 with bm25s's Lucene variant (k1=1.5, b=0.75) and English stopwords: the baseline of every
+results table and the source of the ranking loss's negatives. Two settings are the caller's (genir's
+BM25_STEMMER and BM25_POSITIVE_ONLY): the PyStemmer algorithm (None: no stemming, as the released
+code) and whether a ranking keeps only the documents sharing a term with the query (else, as the
+released code, zero-score documents fill it up to k, in corpus order after the scored ones). The
+index is built in chunks and saved as memory-mappable arrays.
 """
 import functools
 import itertools
@@ -21,7 +24,6 @@ log = logging.getLogger("bm25")
 
 BM25_K1, BM25_B = 1.5, 0.75   # bm25s defaults (Lucene variant)
 BM25_STOPWORDS = "en"
-BM25_STEMMER = "english"      # PyStemmer algorithm; None: no stemming
 BM25_BATCH_CELLS = 2 ** 25    # queries x documents scored per sparse product (bounds memory)
 BM25_CHUNK_DOCS = 10_000      # documents tokenized together while indexing (bounds memory)
 
@@ -33,11 +35,14 @@ class BM25Index:
     tokenized (bm25s's tokenizer) BM25_CHUNK_DOCS at a time into term counts, so the corpus is never
     all in memory. The term x document weights are bm25s's Lucene-variant scores, computed the way
     bm25s computes them; retrieval multiplies a batch of query term counts by that matrix and keeps
-    the top-k documents with a positive score, ties broken by corpus order. `save` / `load` keep an
-    index on disk; a loaded index memory-maps its weights, so processes loading it share one copy.
+    the top-k documents with a positive score, ties broken by corpus order, then (unless
+    `positive_only`) fills the list up to k with the zero-score documents in corpus order.
+    `stemmer`: a PyStemmer algorithm ("english") or None (no stemming). `save` / `load` keep an
+    index on disk (both settings with it); a loaded index memory-maps its weights, so processes
+    loading it share one copy.
     """
 
-    def __init__(self, docs, stemmer=BM25_STEMMER):
+    def __init__(self, docs, stemmer, positive_only):
         items = docs.items() if isinstance(docs, Mapping) else ((d["id"], d["doc"]) for d in docs)
         ids = []
 
@@ -46,23 +51,23 @@ class BM25Index:
                 ids.append(str(doc_id))
                 yield text or ""
 
-        self._build(texts(), stemmer)
+        self._build(texts(), stemmer, positive_only)
         self.doc_ids = np.array(ids, dtype=object)
         if len(self.id_set) < len(ids):
             log.warning("BM25 index: %d duplicate doc ids", len(ids) - len(self.id_set))
 
     @classmethod
-    def from_texts(cls, texts, doc_ids=None, stemmer=BM25_STEMMER):
+    def from_texts(cls, texts, stemmer, positive_only, doc_ids=None):
         """An index of streamed `texts`; `doc_ids`: their ids (any sequence; needed by `search`)."""
         index = cls.__new__(cls)
-        index._build(texts, stemmer)
+        index._build(texts, stemmer, positive_only)
         index.doc_ids = doc_ids
         return index
 
-    def _build(self, texts, stemmer):
+    def _build(self, texts, stemmer, positive_only):
         """The vocabulary {term: row} and the weights (CSR terms x documents) of streamed texts."""
         t0 = time.time()
-        self.stemmer_name = stemmer
+        self.stemmer_name, self.positive_only = stemmer, bool(positive_only)
         self.stemmer = Stemmer.Stemmer(stemmer) if stemmer else None
         vocab, chunks = {}, []
         for chunk in batched(texts, BM25_CHUNK_DOCS):
@@ -132,7 +137,7 @@ class BM25Index:
         os.makedirs(folder, exist_ok=True)
         for name in ("data", "indices", "indptr"):
             np.save(os.path.join(folder, f"{name}.npy"), getattr(self.weights, name))
-        write_json({"stemmer": self.stemmer_name, "k1": BM25_K1, "b": BM25_B,
+        write_json({"stemmer": self.stemmer_name, "positive_only": self.positive_only, "k1": BM25_K1, "b": BM25_B,
                     "terms": sorted(self.vocab, key=self.vocab.get)}, os.path.join(folder, "vocab.json"), indent=None)
 
     @classmethod
@@ -141,7 +146,7 @@ class BM25Index:
         in corpus order (any sequence of str)."""
         index = cls.__new__(cls)
         meta = read_json(os.path.join(folder, "vocab.json"))
-        index.stemmer_name = meta["stemmer"]
+        index.stemmer_name, index.positive_only = meta["stemmer"], meta["positive_only"]
         index.stemmer = Stemmer.Stemmer(meta["stemmer"]) if meta["stemmer"] else None
         index.vocab = {term: i for i, term in enumerate(meta["terms"])}
         arrays = tuple(np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
@@ -151,7 +156,8 @@ class BM25Index:
         return index
 
     def search(self, texts, k=100):
-        """Top-min(k, N) doc ids per text, best first (only documents sharing a term with it)."""
+        """Top-min(k, N) doc ids per text, best first (with `positive_only`, only documents sharing a
+        term with it; else zero-score documents fill the list, in corpus order)."""
         ids = self.doc_ids
         return [[ids[i] for i in top.tolist()] for top in self.search_indices(texts, k)]
 
@@ -175,20 +181,27 @@ class BM25Index:
             scores = (counts[start:start + batch] @ self.weights).tocsr()
             for i in range(scores.shape[0]):
                 lo, hi = scores.indptr[i], scores.indptr[i + 1]
-                out.append(_top(scores.data[lo:hi], scores.indices[lo:hi], k))
+                out.append(_top(scores.data[lo:hi], scores.indices[lo:hi], k, n_docs, self.positive_only))
         if n_texts > 1:
             log.info("BM25 search: %d texts x %d docs in %.1f s", n_texts, n_docs, time.time() - t0)
         return out
 
 
-def _top(values, indices, k):
+def _top(values, indices, k, n_docs, positive_only):
+    """Corpus positions of the top k of one text's (sparse) scores; unless `positive_only`, the
+    documents without a score fill the list up to min(k, n_docs), in corpus order."""
     positive = values > 0
     values, indices = values[positive], indices[positive]
     if len(values) > k:  # keep every doc tied with the k-th score, then order and cut
         kth = np.partition(values, len(values) - k)[len(values) - k]
         keep = values >= kth
         values, indices = values[keep], indices[keep]
-    return indices[np.lexsort((indices, -values))[:k]]
+    top = indices[np.lexsort((indices, -values))[:k]].astype(np.int64)
+    need = min(k, n_docs) - len(top)
+    if positive_only or need <= 0:
+        return top
+    first = np.arange(len(top) + need)  # holds at least `need` unscored positions: the first ones
+    return np.concatenate([top, first[~np.isin(first, top)][:need]])
 
 
 def batched(items, n):
@@ -198,17 +211,11 @@ def batched(items, n):
         yield chunk
 
 
-def _index(docs, stemmer):
-    return docs if isinstance(docs, BM25Index) else BM25Index(docs, stemmer=stemmer)
+def bm25_search(index, queries, k=100, with_instruction=False):
+    """BM25 rankings {qid: [doc_id, ...]} (see BM25Index.search) of a BM25Index for MAIR query rows.
 
-
-def bm25_search(docs, queries, k=100, with_instruction=False, stemmer=BM25_STEMMER):
-    """BM25 rankings {qid: [doc_id, ...]} (top-min(k, N)) for MAIR query rows.
-
-    `docs`: a BM25Index (reused; `stemmer` then ignored) or the corpus rows. The query text is
-    `query`, or `instruction + " " + query` with `with_instruction`.
+    The query text is `query`, or `instruction + " " + query` with `with_instruction`.
     """
-    index = _index(docs, stemmer)
     queries = list(queries)
     texts = [f"{q.get('instruction') or ''} {q['query']}".strip() if with_instruction else q["query"]
              for q in queries]

@@ -8,6 +8,7 @@ standard library.
 import logging
 import os
 import random
+import re
 
 import mair_config
 from docids import ExtractiveTeacher, normalize_docid
@@ -203,12 +204,12 @@ def docasq_rows(docs, instruction, n, span, seed):
 
 
 def query_sft_rows(tasks, root):
-    """The query generator's SFT rows {"instruction", "query", "doc"} from the training tasks' real
-    queries and their relevant documents; queries with empty text and labels of empty documents are
-    skipped with a warning."""
+    """The query generator's SFT rows {"instruction", "query", "doc", "source": task} from the training
+    tasks' real queries and their relevant documents; queries with empty text and labels of empty
+    documents are skipped with a warning."""
     rows, missing = [], 0
     for task in tasks:
-        mair_config.check_task(task)
+        mair_config.check_task(task, root)
         docs_file, queries_file = mair_config.docs_path(task, root), mair_config.queries_path(task, root)
         if not (os.path.exists(docs_file) and os.path.exists(queries_file)):
             log.warning("%s: missing %s or %s; task skipped", task, docs_file, queries_file)
@@ -228,12 +229,68 @@ def query_sft_rows(tasks, root):
                 elif not doc.strip():
                     empty_doc.append(lineno)
                 else:
-                    rows.append({"instruction": q.get("instruction") or "", "query": q["query"], "doc": doc})
+                    rows.append({"instruction": q.get("instruction") or "", "query": q["query"], "doc": doc,
+                                 "source": task})
         warn_skipped(queries_file, empty_query, "row(s) with an empty query")
         warn_skipped(queries_file, empty_doc, "label(s) of an empty document")
     if missing:
         log.warning("%d labels point to documents missing from their corpus; skipped", missing)
     return rows
+
+
+def dataset_key(name):
+    """A dataset or task name compared loosely: its last path part, lower case, letters and digits
+    only, without a "beir" prefix ("BeIR/scifact", "BEIR-scifact" and "SciFact" are one dataset)."""
+    key = re.sub(r"[^0-9a-z]", "", str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower())
+    return key[4:] if key.startswith("beir") and len(key) > 4 else key
+
+
+def query_key(text):
+    """Query text compared with case and spacing ignored."""
+    return " ".join(str(text).split()).casefold()
+
+
+def eval_overlap(rows, where, eval_tasks, root, allow=False):
+    """Check query-generator SFT rows against the tasks evaluated later: a row whose "source" is one of
+    `eval_tasks` (dataset_key; a BEIR name counts as the MAIR task carrying it, see
+    mair_config.BEIR_MAIR_TASK) or whose query equals one of their queries (query_key) is evaluation
+    data. `rows`: (line, row) pairs of the SFT data `where`; the tasks' queries are read under `root`
+    (a task without a queries file is warned about and compared by name only). Returns the number of
+    such rows: a DataError naming the first one's line and task, or with `allow` a warning."""
+    if not eval_tasks:
+        return 0
+    names = {dataset_key(task): task for task in eval_tasks}
+    names.update({dataset_key(beir): task for beir, task in mair_config.BEIR_MAIR_TASK.items() if task in eval_tasks})
+    queries = {}
+    for task in eval_tasks:
+        path = mair_config.queries_path(task, root)
+        if not os.path.exists(path):
+            log.warning("%s: no queries at %s, so SFT queries are not compared with this evaluation task's",
+                        task, path)
+            continue
+        for _, q in iter_rows(path, ("query",)):
+            if not is_blank(q["query"]):
+                queries.setdefault(query_key(q["query"]), task)
+    lines, first, n = [], None, 0
+    for n, (lineno, row) in enumerate(rows, 1):
+        source = row.get("source")
+        task = names.get(dataset_key(source)) if not is_blank(source) else None
+        why = f"its source '{source}' is the evaluation task {task}" if task else None
+        if task is None and not is_blank(row.get("query")):
+            task = queries.get(query_key(row["query"]))
+            why = f"its query {row['query']!r} is a query of the evaluation task {task}"
+        if task is not None:
+            lines.append(lineno)
+            first = first or f"{where}:{lineno}: SFT row of evaluation data: {why}"
+    if not lines:
+        return 0
+    shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+    message = (f"{first}. {len(lines)} of {n} rows are evaluation data (line {shown}); the query generator must "
+               f"not train on the tasks of EVAL_TASKS ({', '.join(eval_tasks)})")
+    if not allow:
+        raise DataError(message + ": remove those rows, or set ALLOW_EVAL_OVERLAP to train on them anyway")
+    log.warning("%s; training on them anyway (ALLOW_EVAL_OVERLAP)", message)
+    return len(lines)
 
 
 def load_teacher(path):
@@ -251,7 +308,7 @@ def docid_sft_rows(tasks, root, teacher_file):
     extractive teacher's."""
     teacher = load_teacher(teacher_file) if teacher_file else {}
     rows, from_file, no_target = [], 0, 0
-    for corpus in mair_config.corpora_of(tasks):
+    for corpus in mair_config.corpora_of(tasks, root):
         path = mair_config.corpus_docs_path(corpus, root)
         if not os.path.exists(path):
             log.warning("%s: no documents at %s; skipped", corpus, path)

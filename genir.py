@@ -31,10 +31,11 @@ import ranking
 import results
 import sft
 import train_data
-from config import declared, env_rank, parse_args, setup_logging
+from config import check_choices, declared, env_rank, parse_args, setup_logging
 from data import eval_queries, load_docids, read_docs
 from file_io import DataError, write_json
 from prefix_tree import PrefixTree, TrieCacheError
+from prompts import retrieval_prompt
 
 C = {
     "BASE_MODEL": "models/Llama-3.2-3B-Instruct",   # ZeroGR-3B (the released code used the 1B model)
@@ -58,13 +59,17 @@ C = {
     "BATCH_SIZE": 16,                               # per device
     "GRAD_ACCUM": 1,
     "GRAD_CLIP": 1.0,
-    "WEIGHT_DECAY": 0.0,                            # AdamW weight decay; 0.0 is the current behaviour
+    "WEIGHT_DECAY": 0.01,                           # AdamW weight decay (0.01: torch's default, as released)
+    "PRECISION": "bf16",                            # on CUDA: "bf16" = bf16 weights, AdamW on them (released);
+                                                    #   "fp32_autocast" = fp32 weights, bf16 autocast (CPU: fp32)
     "KEEP_CHECKPOINTS": 0,                          # newest epoch checkpoints kept (0 = all, as released)
     "DIST_TIMEOUT": 1800,                           # seconds a rank waits for the others before the launch stops
     "MAX_LEN": 200,
     "MAX_INSTRUCTION_TOKENS": 64,
     "MAX_QUERY_TOKENS": 64,                         # training queries
     "MAX_EVAL_QUERY_TOKENS": 128,
+    "MAX_EVAL_INSTRUCTION_TOKENS": None,            # evaluation prompts: None = the whole instruction (released);
+                                                    #   an int cuts it to that many tokens (as in training)
     # ranking loss of the original code: every RANK_EVERY steps, groups of 1 positive + GROUP_SIZE-1
     # BM25 negatives scored by RANK_TOKEN's logit at the last position, RankNet loss
     "RANK_LOSS": True,
@@ -72,6 +77,11 @@ C = {
     "GROUP_SIZE": 8,
     "RANK_TOKEN": "<|reserved_special_token_0|>",
     "NEGATIVE_DEPTH": 100,
+    "RANKNET_MODE": "released",                     # "released": a ranking step of its own (backward, optimizer
+                                                    #   and scheduler step) after the LM step, negatives drawn
+                                                    #   again at each draw, short groups padded with "NONE";
+                                                    #   "joint": ranking loss added to the LM loss, each group's
+                                                    #   negatives fixed (seeded), short lists topped up at random
     # decoding (DESIGN.md 6)
     "DECODE_MODE": "reverse_annealed",
     "K": 100,
@@ -90,8 +100,16 @@ C = {
     "RERANK": True,                                 # also rank the candidates by RANK_TOKEN's logit
     "RERANK_BATCH_SIZE": 512,                       # candidate rows scored together
     "BM25_WITH_INSTRUCTION": False,
+    "BM25_STEMMER": None,                           # BM25 (baseline and negatives): None = no stemming (released);
+                                                    #   "english" = PyStemmer's English stemmer
+    "BM25_POSITIVE_ONLY": False,                    # False: top MAX_RESULTS / NEGATIVE_DEPTH whatever the score,
+                                                    #   zero-score documents last (released); True: scored ones only
     "DROP_NO_POSITIVE": False,                      # True: queries with no relevant label leave the qrels (BEIR)
     "DOCID_COLLISION_WARN": 0.5,                    # warn when more documents than this share their DocID
+    "ACC1": "p@1",                                  # tables' Acc@1: "p@1" (the paper's accuracy) or "ndcg@1"
+                                                    #   (what the released code logged as its top-1 metric)
+    "MAIR_AVERAGE": "domains",                      # MAIR avg: mean of the domain averages ("domains", the
+                                                    #   paper's table) or mean over the tasks ("tasks")
     "ABLATION_MODES": ["greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam"],
     "SEED": 0,
     "LOG_EVERY": 10,
@@ -103,7 +121,7 @@ METHODS = {"bm25": "BM25", "zerogr": "ZeroGR", "zerogr-rerank": "ZeroGR (reranke
 log = logging.getLogger("genir")
 
 
-# ---------------------------------------------------------------------------------------------- paths
+# ---------------------------------------------------------------------------------------------- training
 
 def run_dir():
     return os.path.join(C["OUT_DIR"], C["RUN"])
@@ -112,8 +130,6 @@ def run_dir():
 def model_dir(corpus):
     return os.path.join(C["MODEL_DIR"], C["RUN"], corpus)
 
-
-# ---------------------------------------------------------------------------------------------- training
 
 def train_data_settings():
     return declared(train_data.TrainDataSettings, C)
@@ -155,7 +171,7 @@ def train_corpus(corpus):
         log.info("%s: retriever already trained at %s", corpus, out)
         return out
     data = training_queries(corpus, train_data.CorpusFile(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"])))
-    model, tokenizer, resume = sft.load_for_training(C["BASE_MODEL"], out)
+    model, tokenizer, resume = sft.load_for_training(C["BASE_MODEL"], out, C["PRECISION"])
     examples, supplier = training_data(data, tokenizer, rank_token_id(tokenizer, model))
     sft.train_sft(model, tokenizer, examples, out, declared(sft.SFTSettings, C),
                  extra_loss=ranking.ranknet_loss if supplier else None, extra_batches=supplier, resume_from=resume,
@@ -186,26 +202,17 @@ def load_trie(corpus, tokenizer, docs, gists):
     return tree
 
 
-def docid_collisions(corpus, tree):
-    """A warning (in a list) when the DocIDs hardly tell documents apart: more than DOCID_COLLISION_WARN
-    of the documents share their DocID (their trie leaf) with another, whose documents ZeroGR can
-    only return together, in id order."""
-    sizes = tree.leaf_doc_ptr[1:] - tree.leaf_doc_ptr[:-1]
-    rate = int(sizes[sizes > 1].sum()) / tree.doc_count
-    if rate <= C["DOCID_COLLISION_WARN"]:
-        return []
-    warning = (f"{corpus}: degenerate DocIDs: {rate:.0%} of {tree.doc_count} documents share their DocID with "
-               f"another document ({tree.n_leaves} distinct DocIDs); ZeroGR returns each shared DocID's "
-               "documents together, in id order")
-    log.warning(warning)
-    return [warning]
-
-
 def eval_prompts(tokenizer, queries):
-    """Chat-encoded prompt token ids of evaluation queries."""
-    prompts = [train_data.query_prompt(tokenizer, q.get("instruction"), q["query"], C["MAX_INSTRUCTION_TOKENS"],
-                                       C["MAX_EVAL_QUERY_TOKENS"]) for q in queries]
-    return [lm.chat_prompt_ids(tokenizer, p) for p in prompts]
+    """Chat-encoded prompt token ids of evaluation queries, in the training prompts' format: the
+    instruction whole (MAX_EVAL_INSTRUCTION_TOKENS None) or cut to MAX_EVAL_INSTRUCTION_TOKENS tokens,
+    the query cut to MAX_EVAL_QUERY_TOKENS."""
+    cut = C["MAX_EVAL_INSTRUCTION_TOKENS"]
+    instructions = [q.get("instruction") or "" for q in queries]
+    if cut is not None:
+        instructions = [lm.truncate_tokens(tokenizer, text, cut) for text in instructions]
+    return [lm.chat_prompt_ids(tokenizer, retrieval_prompt(i, lm.truncate_tokens(tokenizer, q["query"],
+                                                                                   C["MAX_EVAL_QUERY_TOKENS"])))
+            for i, q in zip(instructions, queries)]
 
 
 def decode_settings(**changes):
@@ -234,12 +241,6 @@ def rerank(model, tokenizer, queries, rankings, gists, token_id):
     return dict(sft.gather([(str(q["qid"]), docs) for q, docs in zip(mine, ordered)], state))
 
 
-def write_runs(task, runs):
-    folder = os.path.join(run_dir(), task)
-    for name, rankings in runs.items():
-        metrics.write_trec_run(metrics.run_from_rankings(rankings), os.path.join(folder, f"{name}.run"), name)
-
-
 @dataclass
 class EvalTask:
     """What evaluating one task needs: its corpus, the queries to decode with their qrels, the
@@ -258,15 +259,23 @@ class EvalTask:
 
 def load_task(task):
     """The EvalTask of an evaluation task."""
-    corpus = mair_config.corpus_of(task)
+    corpus = mair_config.corpus_of(task, C["DATA_ROOT"])
     docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
     gists, warnings = load_docids(mair_config.gist_path(corpus, C["GIST_TYPE"], C["DATA_ROOT"]), docs, corpus)
     queries, qrels, report = eval_queries(mair_config.queries_path(task, C["DATA_ROOT"]), {d["id"] for d in docs},
                                           C["DROP_NO_POSITIVE"])
     model, tokenizer = lm.load_model(model_dir(corpus), device=sft.init_distributed(C["DIST_TIMEOUT"]).device)
     tree = load_trie(corpus, tokenizer, docs, gists)
-    warnings += docid_collisions(corpus, tree)
+    warnings += quality.docid_collisions(corpus, tree, C["DOCID_COLLISION_WARN"])
     return EvalTask(corpus, docs, gists, warnings, queries, qrels, report, model, tokenizer, tree)
+
+
+def bm25_baseline(corpus, docs, queries, cache):
+    """{qid: ranked doc ids} of the BM25 baseline (BM25_STEMMER, BM25_POSITIVE_ONLY, BM25_WITH_INSTRUCTION,
+    MAX_RESULTS); the corpus's index is built once into `cache` ({corpus: index})."""
+    if corpus not in cache:
+        cache[corpus] = bm25.BM25Index(docs, C["BM25_STEMMER"], C["BM25_POSITIVE_ONLY"])
+    return bm25.bm25_search(cache[corpus], queries, k=C["MAX_RESULTS"], with_instruction=C["BM25_WITH_INSTRUCTION"])
 
 
 def evaluate_task(task, bm25_cache):
@@ -274,24 +283,23 @@ def evaluate_task(task, bm25_cache):
     started = time.time()
     t = load_task(task)
     t.warnings += metrics.qrels_notes(task, t.report)
-    if t.corpus not in bm25_cache:
-        bm25_cache[t.corpus] = bm25.BM25Index(t.docs)
-    runs = {"bm25": bm25.bm25_search(bm25_cache[t.corpus], t.queries, k=C["MAX_RESULTS"],
-                                     with_instruction=C["BM25_WITH_INSTRUCTION"])}
+    runs = {"bm25": bm25_baseline(t.corpus, t.docs, t.queries, bm25_cache)}
     runs["zerogr"] = decode_queries(t.model, t.tokenizer, t.tree, t.queries, C["DECODE_MODE"])
     if C["RERANK"]:
         runs["zerogr-rerank"] = rerank(t.model, t.tokenizer, t.queries, runs["zerogr"], t.gists,
                                        rank_token_id(t.tokenizer))
-    result = {"task": task, "corpus": t.corpus, "domain": mair_config.task_domain(task), "queries": len(t.qrels),
+    result = {"task": task, "corpus": t.corpus, "domain": mair_config.task_domain(task, C["DATA_ROOT"]),
+              "queries": len(t.qrels),
               "decoded_queries": len(t.queries), "methods": {}, "qrels_report": t.report, "warnings": t.warnings}
     for name, rankings in runs.items():
         result["methods"][METHODS[name]], _ = metrics.evaluate(t.qrels, metrics.run_from_rankings(rankings))
     result["seconds"] = round(time.time() - started, 1)
     result["generator_quality"] = generator_quality(t.corpus)
     result["settings"] = {k: C[k] for k in ("DECODE_MODE", "K", "SLOPE", "MIDPOINT", "T_MAX", "TOP_K", "TOP_P",
-                                            "MAX_RESULTS", "SEED", "BM25_WITH_INSTRUCTION", "DROP_NO_POSITIVE")}
+                                            "MAX_RESULTS", "SEED", "BM25_WITH_INSTRUCTION", "BM25_STEMMER",
+                                            "BM25_POSITIVE_ONLY", "MAX_EVAL_INSTRUCTION_TOKENS", "DROP_NO_POSITIVE")}
     if env_rank() == 0:
-        write_runs(task, runs)
+        results.write_runs(os.path.join(run_dir(), task), runs)
         write_json(result, os.path.join(run_dir(), task, "metrics.json"))
     return result
 
@@ -323,16 +331,15 @@ def ablation(tasks):
     s = decode_settings()
     settings = (f"K={s.K}, k={s.slope}, m={s.midpoint}, T_max={s.t_max}, top-k={s.top_k}, top-p={s.top_p}, "
                 f"nucleus T={s.nucleus_temperature}, beams={s.num_beams or s.K}")
-    return results.write_ablation(run_dir(), C["RUN"], tasks, per_query, C["DECODE_MODE"], settings, s.schedule())
+    return results.write_ablation(run_dir(), C["RUN"], tasks, per_query, C["DECODE_MODE"], settings, s.schedule(),
+                                  C["ACC1"])
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 def record_failure(failures, name, step, error):
-    """One corpus or task failing must not stop the others. Under a multi-process launch only bad
-    data (which every rank meets alike) is skipped: any other error ends this rank, and the launcher
-    (torchrun / accelerate) then stops the others, naming the rank, instead of leaving them waiting
-    in a collective for DIST_TIMEOUT seconds. A rerun resumes with every finished corpus and task."""
+    """One corpus or task failing does not stop the others; under a multi-process launch only bad data
+    (met by every rank alike) is skipped: another error ends this rank and the launcher stops the rest."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not isinstance(error, DataError):
         log.error("rank %d: %s %s failed; stopping this launch (rerun to resume)", env_rank(), name, step)
         raise error
@@ -340,17 +347,25 @@ def record_failure(failures, name, step, error):
     failures[name] = f"{step}: {type(error).__name__}: {error}"
 
 
+def check_eval_instruction_tokens(value):
+    """SystemExit unless MAX_EVAL_INSTRUCTION_TOKENS is None or a positive int (its default None takes any value)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise SystemExit(f"settings: MAX_EVAL_INSTRUCTION_TOKENS={value!r} is not None or a positive int")
+
+
 def main(argv=None):
     parse_args("genir", C, argv=argv, description=__doc__)
+    check_choices(C, {"STAGE": ("all", "train", "eval", "table", "ablation"), "BM25_STEMMER": (None, "english"),
+                      "ACC1": tuple(metrics.ACC1_DEFINITIONS), "MAIR_AVERAGE": tuple(metrics.MAIR_AVERAGES),
+                      "PRECISION": sft.PRECISIONS, "RANKNET_MODE": sft.RANKNET_MODES})
+    check_eval_instruction_tokens(C["MAX_EVAL_INSTRUCTION_TOKENS"])
     setup_logging(env_rank())
-    tasks = [mair_config.check_task(t) for t in C["TASKS"]]
+    tasks = [mair_config.check_task(t, C["DATA_ROOT"]) for t in C["TASKS"]]
     if not tasks:
         raise SystemExit("no tasks: set TASKS (a config file or --TASKS=\"['SciFact']\")")
-    if C["STAGE"] not in ("all", "train", "eval", "table", "ablation"):
-        raise SystemExit(f"unknown STAGE {C['STAGE']!r}: all, train, eval, table or ablation")
     failures = {}
     if C["STAGE"] in ("all", "train"):
-        for corpus in mair_config.corpora_of(tasks):
+        for corpus in mair_config.corpora_of(tasks, C["DATA_ROOT"]):
             try:
                 train_corpus(corpus)
             except Exception as e:
@@ -358,7 +373,7 @@ def main(argv=None):
     if C["STAGE"] in ("all", "eval"):
         bm25_cache = {}
         for task in tasks:
-            corpus = mair_config.corpus_of(task)
+            corpus = mair_config.corpus_of(task, C["DATA_ROOT"])
             if corpus in failures:
                 continue
             if os.path.exists(os.path.join(run_dir(), task, "metrics.json")):
@@ -366,13 +381,15 @@ def main(argv=None):
                 continue
             try:
                 result = evaluate_task(task, bm25_cache)
-                log.info("%s: %s", task, {m: round(v["Acc@1"] * 100, 1) for m, v in result["methods"].items()})
+                log.info("%s: Acc@1 %s", task, {m: round(metrics.with_acc1(v, C["ACC1"])["Acc@1"] * 100, 1)
+                                                 for m, v in result["methods"].items()})
             except Exception as e:
                 record_failure(failures, task, "evaluation", e)
     if C["STAGE"] == "ablation":
         ablation(tasks)
     elif env_rank() == 0:
-        results.write_results(run_dir(), tasks, C["RUN"], list(METHODS.values()), C["WANDB"], C["WANDB_PROJECT"])
+        results.write_results(run_dir(), tasks, C["RUN"], list(METHODS.values()), C["ACC1"], C["MAIR_AVERAGE"],
+                              C["WANDB"], C["WANDB_PROJECT"])
     if env_rank() == 0 and C["STAGE"] in ("all", "train", "eval"):
         results.write_failures(run_dir(), C["STAGE"], failures)
     return 1 if failures else 0

@@ -1,5 +1,9 @@
 """MAIR task registry, shared corpora, demo tasks and the dataset path helpers every script uses.
 
+A task outside the registry is accepted when its corpus is on disk (MAIR-Docs/<task>/docs.jsonl under
+the data root): a user's own corpus, or a BEIR set brought in by `python -m dataset.beir`. Its
+domain comes from an optional MAIR-Docs/<task>/task.json `{"domain": "..."}`, else CUSTOM_DOMAIN.
+
 Layout (all under DATA_ROOT, default `dataset/` next to this file, or $ZEROGR_DATA):
     MAIR-Docs/<task>/docs.jsonl                          {"id", "doc"}
     MAIR-Queries/<task>/queries.jsonl                    {"qid", "instruction", "query", "labels"}
@@ -10,6 +14,8 @@ Layout (all under DATA_ROOT, default `dataset/` next to this file, or $ZEROGR_DA
 import difflib
 import os
 from pathlib import Path
+
+from file_io import DataError, read_json
 
 DATA_ROOT = os.environ.get("ZEROGR_DATA", str(Path(__file__).resolve().parent / "dataset"))
 
@@ -162,9 +168,20 @@ DOMAINS = ["Medical", "Finance", "Academic", "Code", "Legal", "Web"]
 # Domain names in the paper's tables -> names in this config.
 PAPER_DOMAINS = {"Medical": "Medical", "Financial": "Finance", "Academic": "Academic",
                  "Coding": "Code", "Legal": "Legal", "Web-based": "Web"}
-# BEIR datasets that MAIR carries (the paper's exact BEIR list is unknown; see PAPER.md 3.1).
+# BEIR datasets that MAIR carries (the paper's exact BEIR list is unknown; see PAPER.md 3.1). MAIR's
+# "Fever" is KILT's FEVER over the KILT Wikipedia (it shares the AY2 corpus), not BEIR's: not listed.
 BEIR_TASKS = ["ArguAna", "CQADupStack", "FiQA", "NFCorpus", "Quora", "SciDocs", "SciFact",
-              "Touche", "Trec-Covid", "Fever"]
+              "Touche", "Trec-Covid"]
+# BEIR dataset name -> the MAIR task that carries (a sample of) the same dataset: dataset/beir.py takes
+# its instruction from there, and data.eval_overlap treats the two names as one dataset.
+BEIR_MAIR_TASK = {"arguana": "ArguAna", "cqadupstack": "CQADupStack", "fiqa": "FiQA", "nfcorpus": "NFCorpus",
+                  "quora": "Quora", "scidocs": "SciDocs", "scifact": "SciFact", "webis-touche2020": "Touche",
+                  "trec-covid": "Trec-Covid", "fever": "Fever"}
+# Domains of tasks outside the registry (task.json): BEIR sets count in the BEIR average, every other
+# non-MAIR domain gets its own column and stays out of the MAIR average.
+BEIR_DOMAIN = "BEIR"
+CUSTOM_DOMAIN = "Custom"
+TASK_FILE = "task.json"
 
 # Offline demo tasks built by `python -m dataset.build_demo` from Python's own standard library.
 DEMO_TASK_DOMAIN = {
@@ -186,18 +203,42 @@ def _known_tasks():
     return {**TASK_DOMAIN, **DEMO_TASK_DOMAIN}
 
 
-def check_task(task):
-    """Return `task` if it is a MAIR or demo task, else raise UnknownTaskError with suggestions."""
+def task_file(task, root=None):
+    """The optional `{"domain": ...}` file of a task outside the registry, next to its docs."""
+    return os.path.join(os.path.dirname(docs_path(task, root)), TASK_FILE)
+
+
+def custom_task_domain(task, root=None):
+    """Domain of a task outside the registry whose docs.jsonl is under `root`: its task.json's
+    "domain" (a paper domain name is mapped to ours), else CUSTOM_DOMAIN; None when it is not on disk."""
+    if not isinstance(task, str) or task in ("", ".", "..") or os.path.basename(task) != task \
+            or not os.path.isfile(docs_path(task, root)):
+        return None
+    path = task_file(task, root)
+    if not os.path.exists(path):
+        return CUSTOM_DOMAIN
+    spec = read_json(path)
+    domain = spec.get("domain") if isinstance(spec, dict) else None
+    if not isinstance(domain, str) or not domain.strip():
+        raise DataError(f'{path}: expected {{"domain": "<name>"}}, got {spec!r}')
+    return PAPER_DOMAINS.get(domain.strip(), domain.strip())
+
+
+def check_task(task, root=None):
+    """Return `task` if it is a MAIR or demo task, or a task whose docs.jsonl is on disk under `root`
+    (default DATA_ROOT); else raise UnknownTaskError with suggestions."""
     known = _known_tasks()
-    if task not in known:
+    if task not in known and custom_task_domain(task, root) is None:
         close = difflib.get_close_matches(task, list(known), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownTaskError(f"unknown task '{task}' (not in mair_config.TASK_DOMAIN or DEMO_TASK_DOMAIN){hint}")
+        raise UnknownTaskError(f"unknown task '{task}' (not in mair_config.TASK_DOMAIN or DEMO_TASK_DOMAIN, and no "
+                               f"{docs_path(task, root)}; $ZEROGR_DATA sets the data root){hint}")
     return task
 
 
-def task_domain(task):
-    return _known_tasks()[check_task(task)]
+def task_domain(task, root=None):
+    known = _known_tasks()
+    return known[task] if task in known else custom_task_domain(check_task(task, root), root)
 
 
 def check_domain(domain):
@@ -218,25 +259,25 @@ def get_all_tasks():
     return list(TASK_DOMAIN)
 
 
-def corpus_of(task):
+def corpus_of(task, root=None):
     """Name of the corpus a task's documents belong to: its SHARE_CORPUS key, or the task itself."""
-    check_task(task)
+    check_task(task, root)
     for corpus, members in SHARE_CORPUS.items():
         if task in members:
             return corpus
     return task
 
 
-def tasks_of_corpus(corpus):
+def tasks_of_corpus(corpus, root=None):
     """Tasks whose documents form `corpus` (the first one holds the documents on disk)."""
     if corpus in SHARE_CORPUS:
         return list(SHARE_CORPUS[corpus])
-    return [check_task(corpus)]
+    return [check_task(corpus, root)]
 
 
-def corpora_of(tasks):
+def corpora_of(tasks, root=None):
     """Distinct corpora of `tasks`, in first-seen order."""
-    return list(dict.fromkeys(corpus_of(t) for t in tasks))
+    return list(dict.fromkeys(corpus_of(t, root) for t in tasks))
 
 
 def _root(root):
@@ -261,7 +302,7 @@ def split_docs_path(path):
 
 def corpus_docs_path(corpus, root=None):
     """The docs file of a corpus: that of its first task."""
-    return docs_path(tasks_of_corpus(corpus)[0], root)
+    return docs_path(tasks_of_corpus(corpus, root)[0], root)
 
 
 def pseudo_queries_path(corpus, model_sufix="QG", num_q=16, root=None):

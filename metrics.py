@@ -6,7 +6,11 @@ Conventions:
 - Metrics come from ir-measures over pytrec-eval-terrier (trec_eval semantics): Acc@1 = P@1
   (share of queries whose top document is relevant), nDCG@1 (what the original code logged as its
   "Acc@1"; smaller than P@1 on graded labels), nDCG@10 (linear gain, trec_eval `ndcg_cut`),
-  R@100 and MAP. Values are fractions in 0-1; tables print them x100 with one decimal.
+  R@100 and MAP. Values are fractions in 0-1; tables print them x100 with one decimal. Both top-1
+  measures are kept (metrics.json's "Acc@1" is always P@1): the tables report as Acc@1 the one of
+  the caller's definition (genir's ACC1, see ACC1_DEFINITIONS and with_acc1), and average the MAIR
+  tasks as the caller says (genir's MAIR_AVERAGE, see MAIR_AVERAGES); a note under each table
+  names both.
 - Every query of the qrels counts: one missing from the run (or with no relevant label, unless
   dropped: see data.qrels_from_queries) scores 0.
 - Runs carry strictly decreasing scores (1/rank), so no tool has to break ties.
@@ -30,6 +34,18 @@ BEIR_METRIC = "nDCG@10"                         # the paper's BEIR average
 
 MISSING = "–"                 # table cell of a missing result
 
+# The tables' Acc@1 (genir's ACC1): definition -> (the stored measure reported, the note naming it)
+ACC1_DEFINITIONS = {
+    "p@1": ("Acc@1", "Acc@1 = P@1: the share of queries whose top document is relevant (the paper's accuracy)."),
+    "ndcg@1": ("nDCG@1", "Acc@1 = nDCG@1 (the released code's top-1 metric; below P@1 where labels are graded)."),
+}
+# The tables' MAIR avg (genir's MAIR_AVERAGE): definition -> the note naming it
+MAIR_AVERAGES = {
+    "domains": "MAIR avg: mean of the per-domain averages, as the paper's main table averages per domain first "
+               "(not a mean over tasks).",
+    "tasks": "MAIR avg: mean over the MAIR tasks, each task counting once (not a mean of the per-domain averages).",
+}
+
 
 # ----------------------------------------------------------------------------- qrels notes, runs, metrics
 
@@ -46,6 +62,12 @@ def qrels_notes(task, report):
                 else "each scores 0 in every average")
         notes.append(f"{task}: {report['no_relevant']} queries have no relevant label (every label scores 0): {fate}")
     return notes
+
+
+def with_acc1(values, acc1):
+    """`values` ({metric: a value, or {query: value}}, as `evaluate` gives them) with "Acc@1" holding
+    the measure of the definition `acc1` (a key of ACC1_DEFINITIONS); None where that one is missing."""
+    return {**values, "Acc@1": values.get(ACC1_DEFINITIONS[acc1][0])}
 
 
 def run_from_rankings(rankings):
@@ -131,21 +153,28 @@ def depth_notes(metric, limits, tasks):
     return notes
 
 
-def results_table(results, task_domain, beir_tasks=(), metric="Acc@1", methods=None, limits=()):
+def results_table(results, task_domain, acc1, mair_average, beir_tasks=(), metric="Acc@1", methods=None,
+                  limits=()):
     """Markdown table of `metric` x100: one row per method, one column per task, then per-domain
-    averages, "MAIR avg" (mean of the domain averages of the non-BEIR tasks) and "BEIR avg"
-    (nDCG@10 over the `beir_tasks` present).
+    averages, "MAIR avg" over the non-BEIR tasks (`mair_average`: "domains", the mean of the domain
+    averages, or "tasks", the mean over the tasks) and "BEIR avg" (nDCG@10 over the `beir_tasks` present).
 
-    `results`: {task: {method: aggregate dict}}; `task_domain`: {task: domain} (for non-BEIR tasks).
-    An average over a task a method lacks is left empty. `limits`: ranking-length limits, noted
-    under the table where below the metric's cut-off (see depth_notes).
+    `results`: {task: {method: aggregate dict}} (metrics.evaluate's); `task_domain`: {task: domain}
+    (for non-BEIR tasks); `acc1`: the definition of Acc@1 (ACC1_DEFINITIONS). An average over a
+    task a method lacks is left empty. A note under the table names the definitions; `limits`:
+    ranking-length limits, noted under the table where below the metric's cut-off (see depth_notes).
     """
-    beir_set = set(beir_tasks)
+    if mair_average not in MAIR_AVERAGES:
+        raise ValueError(f"results_table: MAIR average {mair_average!r} is not one of {list(MAIR_AVERAGES)}")
+    results = {t: {m: with_acc1(values, acc1) for m, values in by_method.items()} for t, by_method in results.items()}
+    beir_set = set(beir_tasks) | {t for t in results if task_domain.get(t) == mair_config.BEIR_DOMAIN}
     beir = [t for t in results if t in beir_set]
     mair = [t for t in results if t not in beir_set]
     missing = [t for t in mair if t not in task_domain]
     if missing:
         raise KeyError(f"results_table: no domain for task(s) {missing}")
+    others = list(dict.fromkeys(task_domain[t] for t in mair if task_domain[t] not in mair_config.DOMAINS))
+    in_mair = [t for t in mair if task_domain[t] not in others]  # custom domains: columns, not the MAIR avg
     rank = {d: i for i, d in enumerate(mair_config.DOMAINS)}
     domains = sorted(dict.fromkeys(task_domain[t] for t in mair), key=lambda d: rank.get(d, len(rank)))
     by_domain = {d: [t for t in mair if task_domain[t] == d] for d in domains}
@@ -156,26 +185,35 @@ def results_table(results, task_domain, beir_tasks=(), metric="Acc@1", methods=N
         return results[task].get(method, {}).get(name)
 
     header = ["Method", *tasks, *(f"{d} avg" for d in domains)]
-    header += [f"MAIR avg ({metric})"] if mair else []
+    header += [f"MAIR avg ({metric})"] if in_mair else []
     header += [f"BEIR avg ({BEIR_METRIC})"] if beir else []
     lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
     for method in methods:
         domain_avgs = [_mean_or_none([value(t, method, metric) for t in by_domain[d]]) for d in domains]
         cells = [value(t, method, metric) for t in tasks] + domain_avgs
-        cells += [_mean_or_none(domain_avgs)] if mair else []
+        if mair_average == "domains":
+            cells += [_mean_or_none([a for d, a in zip(domains, domain_avgs) if d not in others])] if in_mair else []
+        else:
+            cells += [_mean_or_none([value(t, method, metric) for t in in_mair])] if in_mair else []
         cells += [_mean_or_none([value(t, method, BEIR_METRIC) for t in beir])] if beir else []
         lines.append(_md_row([method] + [_pct(c) for c in cells]))
-    note = (f"{metric} x100. Domain avg: mean over the domain's tasks. MAIR avg: mean of the per-domain "
-            "averages, as the paper's main table averages per domain first (not a mean over tasks).")
+    note = f"{metric} x100."
+    if metric == "Acc@1":
+        note += " " + ACC1_DEFINITIONS[acc1][1]
+    note += " Domain avg: mean over the domain's tasks." + (" " + MAIR_AVERAGES[mair_average] if in_mair else "")
+    if others:
+        note += f" Not in the MAIR avg (not MAIR domains): {', '.join(others)}."
     if beir:
         note += f" BEIR avg: mean {BEIR_METRIC} over {', '.join(beir)}."
     depth = "".join(f"\n{n}\n" for n in depth_notes(metric, limits, tasks))
     return "\n".join(lines) + f"\n\n{note} {MISSING}: missing result.\n{depth}"
 
 
-def results_tables(results, task_domain, beir_tasks=(), metrics=TABLE_METRICS, methods=None, limits=()):
+def results_tables(results, task_domain, acc1, mair_average, beir_tasks=(), metrics=TABLE_METRICS, methods=None,
+                   limits=()):
     """One `results_table` per metric under a `## <metric>` heading (Acc@1, nDCG@10, R@100 by default)."""
-    return "\n".join(f"## {metric}\n\n{results_table(results, task_domain, beir_tasks, metric, methods, limits)}"
+    return "\n".join(f"## {metric}\n\n"
+                     f"{results_table(results, task_domain, acc1, mair_average, beir_tasks, metric, methods, limits)}"
                      for metric in metrics)
 
 

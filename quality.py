@@ -17,8 +17,10 @@ from file_io import read_json, write_json
 log = logging.getLogger("quality")
 
 WORD = re.compile(r"\w+")
-# Fixed BM25 for self-retrieval, whatever the baseline's switches: no stemming, English stopwords.
+# Fixed BM25 for self-retrieval, whatever the baseline's switches: no stemming, English stopwords,
+# only documents sharing a term with the query.
 SELF_RETRIEVAL_STEMMER = None
+SELF_RETRIEVAL_POSITIVE_ONLY = True
 
 QUERY_DEFINITIONS = {
     "self_retrieval": "mean over documents of the share of its pseudo-queries for which BM25 over the corpus "
@@ -48,7 +50,7 @@ def query_quality(docs, queries):
     unique = sum(len({_key(q) for q in qs}) for qs in queries.values())
     hits = Counter()
     if flat:
-        index = bm25.BM25Index(docs, stemmer=SELF_RETRIEVAL_STEMMER)
+        index = bm25.BM25Index(docs, SELF_RETRIEVAL_STEMMER, SELF_RETRIEVAL_POSITIVE_ONLY)
         for (doc_id, _), top in zip(flat, index.search([q for _, q in flat], k=1)):
             hits[doc_id] += bool(top) and str(top[0]) == str(doc_id)
     shares = [hits[doc_id] / len(qs) for doc_id, qs in queries.items() if qs]
@@ -136,3 +138,18 @@ def table(rows, labels):
                     if d else ["-"] * 3)
         lines.append("| " + " | ".join(list(cells) + figures) + " |")
     return "\n".join(lines) + "\n"
+
+
+def docid_collisions(corpus, tree, threshold):
+    """A warning (in a list) when the DocIDs hardly tell documents apart: more than `threshold` of the
+    documents share their DocID (their trie leaf) with another, whose documents ZeroGR can only
+    return together, in id order."""
+    sizes = tree.leaf_doc_ptr[1:] - tree.leaf_doc_ptr[:-1]
+    rate = int(sizes[sizes > 1].sum()) / tree.doc_count
+    if rate <= threshold:
+        return []
+    warning = (f"{corpus}: degenerate DocIDs: {rate:.0%} of {tree.doc_count} documents share their DocID with "
+               f"another document ({tree.n_leaves} distinct DocIDs); ZeroGR returns each shared DocID's "
+               "documents together, in id order")
+    log.warning(warning)
+    return [warning]

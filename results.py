@@ -37,6 +37,12 @@ def ranking_limits(found):
     return [(what, depth, tasks) for (what, depth), tasks in limits.items()]
 
 
+def write_runs(folder, runs):
+    """One TREC run file per method ({name: {qid: ranked doc ids}}) in a task's folder."""
+    for name, rankings in runs.items():
+        metrics.write_trec_run(metrics.run_from_rankings(rankings), os.path.join(folder, f"{name}.run"), name)
+
+
 def generator_section(found):
     """results.md's table of the generator figures (quality.py) of each evaluated corpus, once each."""
     rows = {}
@@ -51,15 +57,17 @@ def generator_section(found):
             + quality.table(list(rows.values()), ["corpus"]))
 
 
-def write_results(run_dir, tasks, run_name, methods, wandb_setting=None, wandb_project="zerogr"):
-    """Write `run_dir`/results.md from the finished tasks (and log them to wandb); its path, or None."""
+def write_results(run_dir, tasks, run_name, methods, acc1, mair_average, wandb_setting=None, wandb_project="zerogr"):
+    """Write `run_dir`/results.md from the finished tasks (and log them to wandb); its path, or None.
+    `acc1`, `mair_average`: the tables' definitions of Acc@1 and of the MAIR average
+    (metrics.ACC1_DEFINITIONS, metrics.MAIR_AVERAGES), named under each table."""
     found = finished_results(run_dir, tasks)
     if not found:
         log.warning("no finished task to tabulate under %s", run_dir)
         return None
     table = metrics.results_tables({t: r["methods"] for t, r in found.items()},
-                                   {t: r["domain"] for t, r in found.items()}, mair_config.BEIR_TASKS,
-                                   methods=methods, limits=ranking_limits(found))
+                                   {t: r["domain"] for t, r in found.items()}, acc1, mair_average,
+                                   mair_config.BEIR_TASKS, methods=methods, limits=ranking_limits(found))
     notes = [w for r in found.values() for w in r.get("warnings", [])]
     missing = [t for t in tasks if t not in found]
     text = f"# Results: {run_name}\n\n{table}\n"
@@ -71,29 +79,31 @@ def write_results(run_dir, tasks, run_name, methods, wandb_setting=None, wandb_p
     path = os.path.join(run_dir, "results.md")
     with atomic_open(path) as f:
         f.write(text)
-    log_wandb_tables(found, run_dir, run_name, wandb_setting, wandb_project)
+    log_wandb_tables(found, run_dir, run_name, acc1, wandb_setting, wandb_project)
     log.info("results table -> %s", path)
     return path
 
 
-def log_wandb_tables(found, run_dir, run_name, wandb_setting, wandb_project):
+def log_wandb_tables(found, run_dir, run_name, acc1, wandb_setting, wandb_project):
     run = sft.wandb_run(wandb_setting, wandb_project, f"{run_name}-results", run_dir)
     if run is None:
         return
     import wandb
     columns = ["task", "domain", "method"] + list(metrics.MEASURES)
-    rows = [[t, r["domain"], m] + [vals.get(k) for k in metrics.MEASURES]
+    rows = [[t, r["domain"], m] + [metrics.with_acc1(vals, acc1).get(k) for k in metrics.MEASURES]
             for t, r in found.items() for m, vals in r["methods"].items()]
     run.log({"results": wandb.Table(columns=columns, data=rows)})
     run.finish()
 
 
-def write_ablation(run_dir, run_name, tasks, per_query, reference, settings, schedule):
+def write_ablation(run_dir, run_name, tasks, per_query, reference, settings, schedule, acc1):
     """Write the decoding ablation of `tasks` under `run_dir`: ablation.md (metrics.ablation_table of
-    `per_query` {mode: {metric: {query: value}}} against the mode `reference`, under `settings`, a
-    text), ablation_per_query.json, ablation.png and schedule.png (`schedule`: the temperatures per
-    iteration); the path of ablation.md."""
-    table = metrics.ablation_table(per_query, reference=reference)
+    `per_query` {mode: {metric: {query: value}}, as metrics.evaluate gives them} against the mode
+    `reference`, under `settings`, a text; Acc@1 as defined by `acc1`, metrics.ACC1_DEFINITIONS, named
+    under the table), ablation_per_query.json, ablation.png and schedule.png (`schedule`: the
+    temperatures per iteration); the path of ablation.md."""
+    per_query = {mode: metrics.with_acc1(values, acc1) for mode, values in per_query.items()}
+    table = metrics.ablation_table(per_query, reference=reference) + f"\n{metrics.ACC1_DEFINITIONS[acc1][1]}\n"
     path = os.path.join(run_dir, "ablation.md")
     with atomic_open(path) as f:
         f.write(f"# Decoding ablation: {run_name} ({', '.join(tasks)})\n\nSettings: {settings}.\n\n{table}\n")

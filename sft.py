@@ -3,6 +3,7 @@ the loss on answer tokens only, AdamW with warmup, an epoch checkpoint that resu
 process-group plumbing a multi-GPU launch shares with evaluation.
 """
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -29,7 +30,8 @@ class SFTModule(torch.nn.Module):
 
     The LM head runs only at the positions that carry a label (the answer tokens): on long prompts
     with short answers this is most of the training cost saved. `extra_loss(lm, extra)` adds an
-    auxiliary loss (the retriever's ranking loss) on steps whose batch has an "extra" entry.
+    auxiliary loss (the retriever's ranking loss) on steps whose batch has an "extra" entry; called
+    with `extra` alone, the forward is that loss only (a step of its own, RANKNET_MODE "released").
     """
 
     def __init__(self, model, extra_loss=None):
@@ -37,15 +39,39 @@ class SFTModule(torch.nn.Module):
         self.lm = model
         self.extra_loss = extra_loss
 
-    def forward(self, input_ids, attention_mask, labels, extra=None):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != lm.IGNORE_INDEX
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        loss = F.cross_entropy(logits, targets[keep])
+    def forward(self, input_ids=None, attention_mask=None, labels=None, extra=None):
+        loss = None
+        if input_ids is not None:
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            targets = labels[:, 1:]
+            keep = targets != lm.IGNORE_INDEX
+            logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+            loss = F.cross_entropy(logits, targets[keep])
         if extra is not None:
-            loss = loss + self.extra_loss(self.lm, extra)
+            extra_loss = self.extra_loss(self.lm, extra)
+            loss = extra_loss if loss is None else loss + extra_loss
         return loss
+
+
+PRECISIONS = ("bf16", "fp32_autocast")
+RANKNET_MODES = ("released", "joint")
+
+
+def training_precision(precision, on_cuda):
+    """(the weights' dtype, accelerate's mixed_precision) of a trainer, as PRECISION says: "bf16", bf16
+    weights with AdamW on them (the released code); "fp32_autocast", fp32 master weights under bf16
+    autocast. A model trained on the CPU stays float32 whatever the setting (logged once)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if not on_cuda:
+        _cpu_precision_note(precision)
+        return torch.float32, "no"
+    return (torch.bfloat16, "no") if precision == "bf16" else (torch.float32, "bf16")
+
+
+@functools.cache
+def _cpu_precision_note(precision):
+    log.info("PRECISION=%s applies to CUDA only: training in float32 on the CPU", precision)
 
 
 def init_distributed(timeout_s):
@@ -177,7 +203,9 @@ def _restore_random_states(states, accelerator, order, extra_batches, desc):
 class SFTSettings:
     """train_sft's settings, the scripts' constants in lower case: AdamW's lr (constant after warmup), weight_decay;
     batch_size per process; warmup_steps (None: warmup_ratio of an epoch's steps); grad_clip: max gradient norm;
-    wandb mode (None: $WANDB_MODE), logs every log_every steps; keep_checkpoints (0 = all); dist_timeout in s."""
+    wandb mode (None: $WANDB_MODE), logs every log_every steps; keep_checkpoints (0 = all); dist_timeout in s;
+    precision on CUDA (see training_precision); ranknet_mode, how an extra loss trains: "joint", added to the LM
+    loss of its step; "released", after that step a forward, backward, optimizer and scheduler step of its own."""
     lr: float
     epochs: int
     batch_size: int
@@ -192,6 +220,8 @@ class SFTSettings:
     wandb_project: str
     keep_checkpoints: int
     dist_timeout: float
+    precision: str
+    ranknet_mode: str
 
 
 def train_sft(model, tokenizer, examples, out_dir, settings, extra_loss=None, extra_batches=None,
@@ -205,9 +235,9 @@ def train_sft(model, tokenizer, examples, out_dir, settings, extra_loss=None, ex
     run = wandb_run(settings.wandb, settings.wandb_project, os.path.basename(out_dir.rstrip("/")), out_dir,
                     dataclasses.asdict(settings)) if training.main else None
     if training.main:
-        log.info("%s: %d examples, %d processes, %d optimizer steps/epoch, %d epochs, warmup %d -> %s", desc,
-                 len(examples), training.accelerator.num_processes, training.steps_per_epoch, settings.epochs,
-                 training.warmup, out_dir)
+        log.info("%s: %d examples, %d processes, %d optimizer steps/epoch, %d epochs, warmup %d, autocast %s -> %s",
+                 desc, len(examples), training.accelerator.num_processes, training.steps_per_epoch, settings.epochs,
+                 training.warmup, training.accelerator.mixed_precision, out_dir)
     if state is not None:  # last before the loop: nothing may draw between the restore and the first batch
         _restore_random_states(state.get("random"), training.accelerator, training.order, extra_batches, desc)
     started = time.time()
@@ -225,7 +255,11 @@ class _Training:
         from transformers import get_constant_schedule_with_warmup
 
         init_distributed(settings.dist_timeout)
-        self.accelerator = Accelerator(cpu=not lm.cuda_available(), gradient_accumulation_steps=settings.grad_accum)
+        if settings.ranknet_mode not in RANKNET_MODES:
+            raise ValueError(f"unknown ranknet_mode {settings.ranknet_mode!r}: one of {', '.join(RANKNET_MODES)}")
+        on_cuda = lm.cuda_available()
+        self.accelerator = Accelerator(cpu=not on_cuda, gradient_accumulation_steps=settings.grad_accum,
+                                       mixed_precision=training_precision(settings.precision, on_cuda)[1])
         set_seed(settings.seed)
         self.main = self.accelerator.is_main_process
         if not examples:
@@ -240,7 +274,7 @@ class _Training:
         self.scheduler = get_constant_schedule_with_warmup(self.optimizer, self.warmup)
         self.tokenizer, self.out_dir, self.settings, self.extra_batches, self.desc = \
             tokenizer, out_dir, settings, extra_batches, desc
-        self.start_epoch, self.global_step, self.history = 0, 0, []
+        self.start_epoch, self.global_step, self.extra_steps, self.history = 0, 0, 0, []
 
     def resume(self, path):
         """Optimizer, schedule and progress from the checkpoint at `path`; returns its saved state."""
@@ -249,6 +283,7 @@ class _Training:
         self.scheduler.load_state_dict(state["scheduler"])
         meta = json.load(open(os.path.join(path, "trainer_state.json")))
         self.start_epoch, self.global_step, self.history = meta["epoch"], meta["global_step"], meta["history"]
+        self.extra_steps = meta.get("extra_steps", 0)
         if self.main:
             log.info("%s: resuming from %s (epoch %d done, step %d)", self.desc, path, self.start_epoch,
                      self.global_step)
@@ -263,20 +298,21 @@ class _Training:
         running, total, count = None, 0.0, 0
         bar = tqdm(self.loader, desc=f"{self.desc} epoch {epoch + 1}/{self.settings.epochs}", disable=not self.main,
                    dynamic_ncols=True)
+        own_step = self.settings.ranknet_mode == "released"
         for batch in bar:
-            extra = self.extra_batches(self.global_step) if self.extra_batches is not None else None
-            if extra is not None:
-                extra = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in extra.items()}
+            step = self.global_step
+            extra = None if own_step else self.extra_batch(step)
             with accelerator.accumulate(self.module):
                 loss = self.module(**batch, extra=extra)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(self.module.parameters(), self.settings.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.update(loss)
             if accelerator.sync_gradients:
                 scheduler.step()
                 self.global_step += 1
+                if own_step and (extra := self.extra_batch(step)) is not None:
+                    # the extra loss in a step of its own, counted by the schedule as the released code did
+                    self.update(self.module(extra=extra) * self.settings.grad_accum)  # backward divides by it
+                    scheduler.step()
+                    self.extra_steps += 1
             value = loss.item()
             total, count = total + value, count + 1
             running = value if running is None else 0.98 * running + 0.02 * value
@@ -292,6 +328,21 @@ class _Training:
             log.info("%s: epoch %d mean loss %.4f", self.desc, epoch + 1, mean_loss)
         accelerator.wait_for_everyone()
 
+    def extra_batch(self, step):
+        """The extra-loss batch of optimizer step `step` on this device, or None."""
+        extra = self.extra_batches(step) if self.extra_batches is not None else None
+        if extra is not None:
+            extra = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in extra.items()}
+        return extra
+
+    def update(self, loss):
+        """Backward; on a step that syncs gradients, clip them and step the optimizer."""
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.module.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def save_checkpoint(self, random_states, epoch):
         """checkpoint-epoch<epoch>, written as <that>.tmp and renamed into place; older ones pruned."""
         path = os.path.join(self.out_dir, f"checkpoint-epoch{epoch}")
@@ -303,8 +354,8 @@ class _Training:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "random": random_states}, os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"epoch": epoch, "global_step": self.global_step, "history": self.history,
-                       "num_processes": self.accelerator.num_processes}, f, indent=2)
+            json.dump({"epoch": epoch, "global_step": self.global_step, "extra_steps": self.extra_steps,
+                       "history": self.history, "num_processes": self.accelerator.num_processes}, f, indent=2)
         apply_umask(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -322,7 +373,7 @@ class _Training:
 
     def finish(self, run, started):
         """The final model, then training_complete.json; returns the summary it holds."""
-        summary = {"history": self.history, "global_step": self.global_step,
+        summary = {"history": self.history, "global_step": self.global_step, "extra_steps": self.extra_steps,
                    "num_processes": self.accelerator.num_processes, "seconds": round(time.time() - started, 1)}
         if self.main:
             self.accelerator.unwrap_model(self.module).lm.save_pretrained(self.out_dir)
@@ -339,10 +390,13 @@ class _Training:
         return summary
 
 
-def load_for_training(base_path, out_dir):
-    """Model and tokenizer to train: the newest checkpoint in `out_dir` if any, else `base_path`."""
+def load_for_training(base_path, out_dir, precision):
+    """Model and tokenizer to train in `precision` (training_precision): the newest checkpoint in `out_dir` if
+    any, else `base_path`."""
     resume = last_checkpoint(out_dir)
-    return (*lm.load_model(resume or base_path, on_cuda=lm.cuda_available()), resume)
+    on_cuda = lm.cuda_available()
+    dtype = training_precision(precision, on_cuda)[0]
+    return (*lm.load_model(resume or base_path, dtype=dtype, on_cuda=on_cuda), resume)
 
 
 def run_sft(base_model, out_dir, settings, encode_examples, desc):
@@ -350,5 +404,5 @@ def run_sft(base_model, out_dir, settings, encode_examples, desc):
     if training_done(out_dir):
         log.info("%s: %s is already trained (training_complete.json); delete it to retrain", desc, out_dir)
         return None
-    model, tokenizer, resume = load_for_training(base_model, out_dir)
+    model, tokenizer, resume = load_for_training(base_model, out_dir, settings.precision)
     return train_sft(model, tokenizer, encode_examples(tokenizer), out_dir, settings, resume_from=resume, desc=desc)

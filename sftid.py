@@ -15,7 +15,7 @@ import sys
 import lm
 import mair_config
 import sft
-from config import declared, env_rank, parse_args, setup_logging
+from config import check_choices, declared, env_rank, parse_args, setup_logging
 from data import docid_sft_rows
 from file_io import read_or_build_rows
 from prompts import docid_prompt
@@ -35,7 +35,9 @@ C = {
     "BATCH_SIZE": 32,
     "GRAD_ACCUM": 1,
     "GRAD_CLIP": 1.0,
-    "WEIGHT_DECAY": 0.0,           # AdamW weight decay; 0.0 is the current behaviour
+    "WEIGHT_DECAY": 0.01,          # AdamW weight decay (0.01: torch's default, as released)
+    "PRECISION": "bf16",           # on CUDA: "bf16" = bf16 weights, AdamW on them (released);
+                                   #   "fp32_autocast" = fp32 weights, bf16 autocast (CPU: fp32 either way)
     "MAX_LEN": 512,
     "MAX_INSTRUCTION_TOKENS": 200,
     "MAX_DOC_TOKENS": 256,
@@ -59,11 +61,12 @@ def encode(tokenizer, rows):
 
 def main(argv=None):
     parse_args("sftid", C, argv=argv, description=__doc__)
+    check_choices(C, {"PRECISION": sft.PRECISIONS})
     setup_logging(env_rank())
     rows = read_or_build_rows(C["SFT_DATA"], ("instruction", "input", "output"),
                               lambda: docid_sft_rows(C["TRAIN_TASKS"], C["DATA_ROOT"], C["TEACHER_FILE"]),
                               nonempty=("input", "output"), max_rows=C["MAX_EXAMPLES"], save=env_rank() == 0)
-    settings = declared(sft.SFTSettings, C)
+    settings = declared(sft.SFTSettings, C, ranknet_mode="joint")  # no extra loss here: the mode is unused
     sft.run_sft(C["BASE_MODEL"], C["OUT_DIR"], settings, lambda tokenizer: encode(tokenizer, rows), desc="sftid")
     return 0
 

@@ -319,7 +319,7 @@ def launch_all(script, run, flags, final_path, per_doc, doc_key):
     """Launcher mode of a generation script: shards PID_START..PID_END of TOTAL_NUM for every corpus
     of the tasks on the visible GPUs, merged here when this node runs them all (or MERGE_ONLY).
     `run`: a Launch; `flags`: the shard command's flags besides -pid -total_num -docs_path -data_name."""
-    corpora = mair_config.corpora_of(run.tasks)
+    corpora = mair_config.corpora_of(run.tasks, run.data_root)
     multi_node = run.pid_start != 0 or run.pid_end is not None
     if (multi_node or run.merge_only) and not run.total_num:
         raise SystemExit("PID_START / PID_END / MERGE_ONLY need an explicit TOTAL_NUM, the same on every node")
@@ -361,7 +361,7 @@ def run(script, launch_settings, args, shard, output, flags):
     failed = launch_all(os.path.abspath(script), launch_settings, [*flags, *args.passthrough],
                         output.path, output.per_doc, output.doc_key)
     if output.report:
-        for corpus in mair_config.corpora_of(launch_settings.tasks):
+        for corpus in mair_config.corpora_of(launch_settings.tasks, launch_settings.data_root):
             if corpus not in failed and os.path.exists(output.path(corpus)):
                 output.report(corpus)
     return 1 if failed else 0

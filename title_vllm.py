@@ -6,14 +6,15 @@ Shard mode:
     -> dataset/MAIR-Data/gist_ids/SciFact/title-0-8.jsonl
 Launcher mode (`-total_num 0`, the default): the shards of every corpus of TASKS on the visible
 GPUs, one process per GPU at a time, merged into dataset/MAIR-Data/gist_ids/<corpus>/title.jsonl
-(`{"id", "gist", "raw"}` per document, `raw` being the generated text before normalising);
+(`{"id", "gist", "raw"}` per document, `raw` being the generated text);
 several nodes as in qg_vllm.py (PID_START, PID_END, MERGE_ONLY). DocID figures (quality.py) go to
 <MODEL_SUFIX>.quality.json beside the merged file.
 
-Each generated DocID goes through the format normaliser (docids.py), which also drops words that
-do not come from the document and fills a DocID shorter than 6 words with the document's most
-distinctive terms; one that is empty after it is replaced by the extractive teacher's DocID and
-counted.
+The DocID is the generated text's first line, stripped, as in the released code; with the switch
+NORMALIZE_DOCIDS it goes through the format normaliser (docids.py) instead, which also drops words
+that do not come from the document and fills a DocID shorter than 6 words with the document's most
+distinctive terms. Either way, a DocID that comes out empty is replaced by the extractive teacher's
+DocID and counted.
 """
 import functools
 import logging
@@ -50,11 +51,19 @@ C = {
     "ZERO_SHOT": False,                                # True: a model not fine-tuned (asked for the reply only)
     "SEED": 0,
     "QUALITY_DOCS": 2000,                              # documents whose DocIDs are scored (quality.py; 0 = all)
+    "NORMALIZE_DOCIDS": False,                         # False: the DocID is the generated text's first line
+                                                       #   (released); True: docids.normalize_docid's format rules
     "DATA_ROOT": mair_config.DATA_ROOT,
     "LOG_DIR": "log",
 }
 
 log = logging.getLogger("title_vllm")
+
+
+def first_line(text):
+    """The released code's DocID: the generated text stripped, its first line."""
+    lines = str(text).strip().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 def docid_rows(teacher, generator, tokenizer, docs):
@@ -63,14 +72,16 @@ def docid_rows(teacher, generator, tokenizer, docs):
                                  max_tokens=C["MAX_TOKENS"], desc="docids")
     rows, fallback = [], 0
     for d, (text,) in zip(docs, outputs):
-        ranked = teacher.ranked_terms(d["doc"])
-        gist = normalize_docid(text, fill_terms=ranked, doc=d["doc"])
+        if C["NORMALIZE_DOCIDS"]:
+            gist = normalize_docid(text, fill_terms=teacher.ranked_terms(d["doc"]), doc=d["doc"])
+        else:
+            gist = first_line(text)
         if not gist:
             gist, fallback = teacher.docid(d["doc"]) or normalize_docid(d["id"]), fallback + 1
         rows.append({"id": d["id"], "gist": gist, "raw": text})
     if fallback:
-        log.warning("%d of %d generated DocIDs were empty after normalising; used the extractive teacher",
-                    fallback, len(docs))
+        log.warning("%d of %d generated DocIDs were empty%s; used the extractive teacher", fallback, len(docs),
+                    " after normalising" if C["NORMALIZE_DOCIDS"] else "")
     return rows
 
 
@@ -82,7 +93,7 @@ def output(model_sufix):
 
 
 def write_quality(path, corpus):
-    """DocID figures (quality.py) of QUALITY_DOCS documents, raw and normalised, beside the merged output."""
+    """DocID figures (quality.py) of QUALITY_DOCS documents, raw and final, beside the merged output."""
     if quality.is_current(path):
         return
     docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))

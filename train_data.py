@@ -42,6 +42,7 @@ log = logging.getLogger("train_data")
 
 FORMAT = 1          # bump when the folder's layout changes: older folders are rebuilt
 PROGRESS_EVERY = 1 << 16  # rows scanned between progress-bar updates
+PAD_DOCID = "NONE"  # RANKNET_MODE "released": the DocID of the candidates that fill a short ranking group
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,12 @@ class TrainDataSettings:
     max_query_tokens: int
     rank_loss: bool            # with the ranking loss: the BM25 index and the groups' candidates
     negative_depth: int
+    bm25_stemmer: str | None   # the BM25 index's PyStemmer algorithm (None: no stemming)
+    bm25_positive_only: bool   # BM25 candidates: only documents sharing a term (else zero-score ones fill the list)
     batch_size: int
     group_size: int
     rank_every: int
+    ranknet_mode: str          # negatives and short groups as RankGroups says
 
 
 def mapped(path):
@@ -171,7 +175,8 @@ def source_paths(corpus, settings):
 def _stamp(sources, settings):
     files = {k: [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] if p and os.path.exists(p) else None
              for k, p in sources.items()}
-    return {"format": FORMAT, "files": files, "bm25": bool(settings.rank_loss), "depth": settings.negative_depth}
+    return {"format": FORMAT, "files": files, "bm25": bool(settings.rank_loss), "depth": settings.negative_depth,
+            "bm25_stemmer": settings.bm25_stemmer, "bm25_positive_only": settings.bm25_positive_only}
 
 
 def prepare(corpus, docs, folder, settings):
@@ -209,7 +214,7 @@ def build(corpus, docs, folder, sources, settings):
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    n_docs = _write_docs(docs, tmp, corpus, settings.rank_loss)
+    n_docs = _write_docs(docs, tmp, corpus, settings)
     warnings = _write_docids(sources["docids"], DocTable(tmp), tmp)
     table = DocTable(tmp)
     files = [p for p in (sources["queries"], sources["docasq"]) if p]
@@ -238,7 +243,7 @@ def build(corpus, docs, folder, sources, settings):
              folder, time.time() - started)
 
 
-def _write_docs(docs, folder, corpus, with_bm25):
+def _write_docs(docs, folder, corpus, settings):
     """Document ids (and the BM25 index with the ranking loss) of the streamed corpus; returns its size."""
     keys, bounds = array("Q"), array("q")
 
@@ -249,8 +254,9 @@ def _write_docs(docs, folder, corpus, with_bm25):
             yield row["doc"]
 
     with open(os.path.join(folder, "doc_ids.bin"), "wb") as ids:
-        if with_bm25:
-            bm25.BM25Index.from_texts(texts(ids)).save(os.path.join(folder, "bm25"))
+        if settings.rank_loss:
+            bm25.BM25Index.from_texts(texts(ids), settings.bm25_stemmer, settings.bm25_positive_only).save(
+                os.path.join(folder, "bm25"))
         else:
             deque(texts(ids), maxlen=0)
     np.save(os.path.join(folder, "doc_ids.npy"), np.frombuffer(bounds, np.int64).reshape(-1, 2))
@@ -383,20 +389,23 @@ class RankGroups(sft.SeededBatches):
     `rng`, whose state the epoch checkpoints keep), each a document's first training query with that
     document and group_size - 1 negatives drawn from the query's BM25 top negative_depth (over `index`, a
     BM25Index or the corpus rows; searched when the group is first drawn, kept in bm25_top) minus the
-    positive and documents without a DocID (`docids`: doc id -> DocID), by a generator seeded with
-    (seed, group): the same ones at every draw; random documents with a DocID top up a short list."""
+    positive and documents without a DocID (`docids`: doc id -> DocID). ranknet_mode "released": drawn again by
+    `rng` at each draw, a short group padded with PAD_DOCID; "joint": by a generator seeded with (seed, group),
+    the same at every draw, random documents with a DocID top up a short list (off with < group_size DocIDs)."""
 
     def __init__(self, tokenizer, index, docids, data, token_id, settings):
-        self.index = index if isinstance(index, bm25.BM25Index) else bm25.BM25Index(index)
+        self.index = index if isinstance(index, bm25.BM25Index) else \
+            bm25.BM25Index(index, settings.bm25_stemmer, settings.bm25_positive_only)
         self.tokenizer, self.docids, self.data = tokenizer, docids, data
         self.token_id, self.settings = token_id, settings
         self.top = np.load(os.path.join(data.folder, "bm25_top.npy"), mmap_mode="r+")
         self.known = np.zeros(len(data.groups), bool)
         self.rng = random.Random(settings.seed)
         self.per_step = max(1, settings.batch_size // settings.group_size)
-        self.active = len(data.groups) > 0 and len(docids) >= settings.group_size  # else too few DocIDs for a group
-        log.info("ranking loss: %d groups of %d (every %d steps)%s", len(data.groups), settings.group_size,
-                 settings.rank_every, "" if self.active else f"; off: {len(docids)} documents with a DocID")
+        fills = settings.ranknet_mode == "released" or len(docids) >= settings.group_size  # joint: enough DocIDs
+        self.active = len(data.groups) > 0 and fills
+        log.info("ranking loss: %d groups of %d (every %d steps, %s)%s", len(data.groups), settings.group_size,
+                 settings.rank_every, settings.ranknet_mode, "" if self.active else f"; off: {len(docids)} DocIDs")
 
     def __call__(self, step):
         if not self.active or step % self.settings.rank_every != 0:
@@ -406,8 +415,9 @@ class RankGroups(sft.SeededBatches):
             example = int(self.data.groups[group])
             row = self.data.row(example)
             positive = self.data.docs.ids[int(self.data.doc[example])]
-            for doc_id in [positive] + self.negatives(group, row["query"], positive):
-                examples.append(encode(self.tokenizer, row, self.docids[doc_id], self.settings))
+            gists = [self.docids[d] for d in [positive] + self.negatives(group, row["query"], positive)]
+            for gist in gists + [PAD_DOCID] * (self.settings.group_size - len(gists)):
+                examples.append(encode(self.tokenizer, row, gist, self.settings))
         batch = lm.collate(examples, self.tokenizer.pad_token_id)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                 "token_id": self.token_id, "group_size": self.settings.group_size}
@@ -427,6 +437,8 @@ class RankGroups(sft.SeededBatches):
         ids, want = self.index.doc_ids, self.settings.group_size - 1
         found = [ids[i] for i in self.candidates(group, query).tolist()]
         found = [d for d in found if d != positive and d in self.docids]
+        if self.settings.ranknet_mode == "released":  # drawn again, by the generator the checkpoints keep
+            return self.rng.sample(found, min(want, len(found)))
         rng = np.random.default_rng([self.settings.seed, group])
         if len(found) >= want:
             return [found[j] for j in rng.choice(len(found), want, replace=False)]

@@ -61,7 +61,8 @@ def generators(out, sft_examples, log):
         for script in ("sftqg.py", "sftid.py"):
             subprocess.check_call([sys.executable, script, "--config", "configs/demo.json"], cwd=ROOT)
     sft = {"BASE_MODEL": SMOL, "TRAIN_TASKS": TRAIN_TASKS, "MAX_EXAMPLES": sft_examples, "LR": 1e-4,
-           "WARMUP_STEPS": 10, "EPOCHS": 1, "BATCH_SIZE": 8, "MAX_LEN": 320, "MAX_DOC_TOKENS": 96}
+           "WARMUP_STEPS": 10, "EPOCHS": 1, "BATCH_SIZE": 8, "MAX_LEN": 320, "MAX_DOC_TOKENS": 96,
+           "WEIGHT_DECAY": 0.0, "PRECISION": "bf16"}
     smol_qg, smol_id = os.path.join(out, "smol-qg"), os.path.join(out, "smol-id")
     run_step("sftqg-smol", "sftqg.py", {**sft, "OUT_DIR": smol_qg, "SFT_DATA": os.path.join(out, "sft-qg.jsonl")},
              out, log)
@@ -79,7 +80,8 @@ def measure(out, data, name, qg_model, id_model, zero_shot, num_q, log):
               "MAX_TOKENS": 32, "BATCH_SIZE": 32, "LOG_DIR": os.path.join(out, "logs")}
     run_step(f"qg-{slug}", "qg_vllm.py", {**common, "MODEL_NAME": qg_model, "MODEL_SUFIX": f"QG{slug}",
                                           "NUM_Q": num_q}, out, log)
-    run_step(f"docid-{slug}", "title_vllm.py", {**common, "MODEL_NAME": id_model, "MODEL_SUFIX": slug}, out, log)
+    run_step(f"docid-{slug}", "title_vllm.py", {**common, "MODEL_NAME": id_model, "MODEL_SUFIX": slug,
+                                                 "NORMALIZE_DOCIDS": True}, out, log)
     figures = {}
     for corpus in mc.corpora_of(TASKS):
         queries = mc.pseudo_queries_path(corpus, f"QG{slug}", num_q, data)

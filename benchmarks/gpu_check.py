@@ -68,11 +68,11 @@ def check_training(device, tmp, smoke):
     docs = read_jsonl(mair_config.docs_path("PyDoc-Sys"))[:64 if smoke else 512]
     cfg = {"lr": 2e-3, "batch_size": 16, "warmup_steps": 0, "epochs": 2, "seed": SEED, "keep_checkpoints": 1,
            "grad_accum": 1, "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "log_every": 10, "wandb": None,
-           "wandb_project": "zerogr", "dist_timeout": 1800}
+           "wandb_project": "zerogr", "dist_timeout": 1800, "precision": "bf16", "ranknet_mode": "joint"}
     out = os.path.join(tmp, "sft")
 
     def train(epochs):
-        model, tokenizer, resume = sft.load_for_training(build_tiny.OUT_DIR, out)
+        model, tokenizer, resume = sft.load_for_training(build_tiny.OUT_DIR, out, cfg["precision"])
         examples = [lm.encode_example(tokenizer, lm.truncate_words(d["doc"], 48), d["id"], 128) for d in docs]
         summary = sft.train_sft(model, tokenizer, examples, out, sft.SFTSettings(**dict(cfg, epochs=epochs)),
                                resume_from=resume, desc="gpu_check")

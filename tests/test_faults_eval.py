@@ -11,6 +11,7 @@ import genir
 import mair_config as mc
 import metrics
 import prefix_tree
+import quality
 import results
 from data import qrels_from_queries
 from file_io import read_json, read_jsonl, write_jsonl
@@ -111,13 +112,12 @@ def test_trie_directory_gets_the_umask_permissions(tmp_path, umask):
 
 def test_degenerate_docids_are_warned_with_rate_and_distinct_count(settings):
     same = PrefixTree.from_token_ids([(k, [5, 6]) for k in SEQS], END)
-    [warning] = genir.docid_collisions("C", same)
+    [warning] = quality.docid_collisions("C", same, 0.5)
     assert "100% of 5 documents" in warning and "1 distinct DocIDs" in warning
     half = PrefixTree.from_token_ids([("a", [1]), ("b", [1]), ("c", [2]), ("d", [3])], END)
-    assert genir.docid_collisions("C", half) == []  # 50%: at the threshold, not above
-    genir.C["DOCID_COLLISION_WARN"] = 0.4
-    assert "50% of 4 documents" in genir.docid_collisions("C", half)[0]
-    assert genir.docid_collisions("C", PrefixTree.from_token_ids(SEQS.items(), END)) == []
+    assert quality.docid_collisions("C", half, 0.5) == []  # 50%: at the threshold, not above
+    assert "50% of 4 documents" in quality.docid_collisions("C", half, 0.4)[0]
+    assert quality.docid_collisions("C", PrefixTree.from_token_ids(SEQS.items(), END), 0.5) == []
 
 
 def test_queries_without_a_relevant_label_are_counted_kept_or_dropped():
@@ -138,7 +138,8 @@ def test_rankings_shorter_than_a_cutoff_are_noted_under_its_table():
                "T2": {"M": {"Acc@1": 0.5, "nDCG@10": 0.5, "R@100": 0.5}}}
     limits = [("ZeroGR decoded at most K=10 DocIDs per query", 10, ["T1", "T2"]),
               ("every method returned at most MAX_RESULTS=5 documents per query", 5, ["T2"])]
-    tables = metrics.results_tables(results, {"T1": "Code", "T2": "Code"}, limits=limits).split("## ")[1:]
+    tables = metrics.results_tables(results, {"T1": "Code", "T2": "Code"}, "p@1", "domains",
+                                    limits=limits).split("## ")[1:]
     acc, ndcg, recall = tables
     assert "counts up to" not in acc
     assert "nDCG@10 counts up to 10 ranks, but every method returned at most MAX_RESULTS=5 documents per " \

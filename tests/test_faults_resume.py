@@ -25,7 +25,7 @@ from small_corpus import write_small_corpus
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = {"lr": 3e-3, "epochs": 3, "batch_size": 8, "grad_accum": 1, "warmup_steps": 2, "warmup_ratio": 0.0,
        "grad_clip": 1.0, "weight_decay": 0.0, "seed": 0, "log_every": 10, "wandb": None, "wandb_project": "zerogr",
-       "keep_checkpoints": 0, "dist_timeout": 1800}
+       "keep_checkpoints": 0, "dist_timeout": 1800, "precision": "bf16", "ranknet_mode": "joint"}
 STEPS = 15  # 40 examples / 8 per batch x 3 epochs
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.dirname(os.path.abspath(__file__))]),
        "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
@@ -69,7 +69,7 @@ def train(out, base, epochs=3, kill_step=None, kill_in_save=None):
             save(obj, path)
 
         torch.save = dying_save
-    model, tok, resume = sft.load_for_training(base, out)
+    model, tok, resume = sft.load_for_training(base, out, CFG["precision"])
     ex = examples(tok)
     return sft.train_sft(model, tok, ex, out, sft.SFTSettings(**{**CFG, "epochs": epochs}), extra_loss=noisy_loss,
                         extra_batches=NoisyBatches(ex, tok.pad_token_id, kill_step), resume_from=resume)

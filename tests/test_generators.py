@@ -31,7 +31,7 @@ def sft_settings(**values):
     """SFT settings for the tiny model: `values` over the scripts' usual ones."""
     return sft.SFTSettings(**{"grad_accum": 1, "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": 0,
                              "log_every": 10, "wandb": None, "wandb_project": "zerogr", "keep_checkpoints": 0,
-                             "dist_timeout": 1800, **values})
+                             "dist_timeout": 1800, "precision": "bf16", "ranknet_mode": "joint", **values})
 
 
 @pytest.fixture()
@@ -87,7 +87,7 @@ def test_training_resumes_from_the_newest_checkpoint(tmp_path, tiny_model_path, 
     model, tok = lm.load_model(tiny_model_path)
     sft.train_sft(model, tok, sftqg.encode(tok, rows), out, cfg)
     os.remove(os.path.join(out, "training_complete.json"))
-    model, tok, resume = sft.load_for_training(tiny_model_path, out)
+    model, tok, resume = sft.load_for_training(tiny_model_path, out, cfg.precision)
     assert resume.endswith("checkpoint-epoch1")
     summary = sft.train_sft(model, tok, sftqg.encode(tok, rows), out, dataclasses.replace(cfg, epochs=2),
                            resume_from=resume)
@@ -96,7 +96,7 @@ def test_training_resumes_from_the_newest_checkpoint(tmp_path, tiny_model_path, 
 
 def test_sft_data_builders_and_bad_lines(tmp_path, demo_root):
     qg = data.query_sft_rows(["PyCode-Text"], demo_root)
-    assert qg and set(qg[0]) == {"instruction", "query", "doc"}
+    assert qg and set(qg[0]) == {"instruction", "query", "doc", "source"} and qg[0]["source"] == "PyCode-Text"
     docid = data.docid_sft_rows(["PyCode-Text"], demo_root, None)
     assert len(docid) == len(read_jsonl(mc.docs_path("PyCode-Text", demo_root)))
     assert all(1 <= len(r["output"].split()) <= 8 for r in docid)
@@ -265,7 +265,8 @@ def test_launcher_runs_shards_merges_and_skips_finished(small_corpus, tiny_model
     root, docs = small_corpus
     config = str(tmp_path / "cfg.json")
     write_json({"title_vllm": {"MODEL_NAME": tiny_model_path, "TASKS": ["PyDoc-Net"], "TOTAL_NUM": 2,
-                               "DATA_ROOT": root, "MAX_TOKENS": 8, "LOG_DIR": str(tmp_path / "log")}}, config)
+                               "DATA_ROOT": root, "MAX_TOKENS": 8, "LOG_DIR": str(tmp_path / "log"),
+                               "NORMALIZE_DOCIDS": True}}, config)
     cmd = [sys.executable, "title_vllm.py", "--config", config]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -26,7 +26,9 @@ def _settings(root, tmp, tiny):
             "RUN": "t", "TASKS": TASKS, "DATA_ROOT": root, "NUM_Q": 2, "DOCASQ_N": 2, "DOCASQ_WORDS": 24,
             "LR": 3e-3, "WARMUP_RATIO": 0.0, "EPOCHS": 25, "BATCH_SIZE": 16, "MAX_LEN": 128, "RANK_EVERY": 4,
             "GROUP_SIZE": 4, "K": 12, "EVAL_BATCH_SIZE": 64, "NUM_BEAMS": 6,
-            "ABLATION_MODES": ["greedy", "iterative_greedy", "reverse_annealed"]}
+            "ABLATION_MODES": ["greedy", "iterative_greedy", "reverse_annealed"],
+            "BM25_STEMMER": "english", "BM25_POSITIVE_ONLY": True, "MAX_EVAL_INSTRUCTION_TOKENS": 64,
+            "ACC1": "p@1", "MAIR_AVERAGE": "domains"}
 
 
 def _make_corpus(root, demo_root):
@@ -223,8 +225,8 @@ def test_fast_rerank_equals_scoring_whole_sequences(trained, settings):
     fast = genir.rerank(model, tok, queries, rankings, gists, token)
     for q in queries:
         cands = rankings[str(q["qid"])]
-        prompt = train_data.query_prompt(tok, q.get("instruction"), q["query"], genir.C["MAX_INSTRUCTION_TOKENS"],
-                                         genir.C["MAX_EVAL_QUERY_TOKENS"])
+        prompt = train_data.query_prompt(tok, q.get("instruction"), q["query"],
+                                         genir.C["MAX_EVAL_INSTRUCTION_TOKENS"], genir.C["MAX_EVAL_QUERY_TOKENS"])
         batch = lm.collate([lm.encode_example(tok, prompt, gists[d], 1000) for d in cands], tok.pad_token_id)
         scores = ranking.rank_scores(model, batch["input_ids"], batch["attention_mask"], token).tolist()
         assert fast[str(q["qid"])] == [cands[j] for j in sorted(range(len(cands)), key=lambda j: -scores[j])]

@@ -137,20 +137,20 @@ TOY_DOCS = [
 
 
 def test_bm25_toy_ranking_stopwords_stemming_and_instruction():
-    index = bm25.BM25Index(TOY_DOCS)
+    index = bm25.BM25Index(TOY_DOCS, "english", True)
     queries = [{"qid": "a", "instruction": "about cherry", "query": "the apple"},
                {"qid": "b", "instruction": "", "query": "running"}]
     # "the" is a stopword: the stopword-only document shares no term and is not retrieved.
     assert bm25.bm25_search(index, queries) == {"a": ["fruit"], "b": ["run"]}
     with_inst = bm25.bm25_search(index, queries, with_instruction=True)
     assert set(with_inst["a"]) == {"fruit", "stone"}
-    assert bm25.bm25_search(TOY_DOCS, queries, stemmer=None)["b"] == []  # "running" != "runs"
+    assert bm25.bm25_search(bm25.BM25Index(TOY_DOCS, None, True), queries)["b"] == []  # "running" != "runs"
     assert bm25.bm25_search(index, queries, k=1) == {"a": ["fruit"], "b": ["run"]}
 
 
 def test_bm25_ties_broken_by_corpus_order_and_k_cut():
     docs = {f"d{i}": "same words here" for i in range(5)}
-    assert bm25.BM25Index(docs).search(["words"], k=3) == [["d0", "d1", "d2"]]
+    assert bm25.BM25Index(docs, "english", True).search(["words"], k=3) == [["d0", "d1", "d2"]]
 
 
 def test_bm25_on_demo_corpus(demo_root):
@@ -158,7 +158,7 @@ def test_bm25_on_demo_corpus(demo_root):
     docs, queries = read_jsonl(mair_config.docs_path(task)), read_jsonl(mair_config.queries_path(task))
     qrels, report = qrels_from_queries(queries, [d["id"] for d in docs], task)
     assert report["unknown_labels"] == 0
-    index = bm25.BM25Index(docs)
+    index = bm25.BM25Index(docs, "english", True)
     rankings = bm25.bm25_search(index, queries, k=100)
     assert set(rankings) == set(qrels) and max(map(len, rankings.values())) <= 100
     agg, _ = metrics.evaluate(qrels, metrics.run_from_rankings(rankings))
@@ -188,7 +188,7 @@ def _toy_results():
 
 def test_results_table_domain_mair_and_beir_averages():
     task_domain = {"T1": "Code", "T2": "Code", "T3": "Legal"}
-    table = metrics.results_table(_toy_results(), task_domain, beir_tasks=("B1", "Other"))
+    table = metrics.results_table(_toy_results(), task_domain, "p@1", "domains", beir_tasks=("B1", "Other"))
     assert _row(table, "Method") == ["T1", "T2", "T3", "B1", "Code avg", "Legal avg",
                                      "MAIR avg (Acc@1)", "BEIR avg (nDCG@10)"]
     # m1: Code (20+40)/2 = 30, Legal 90, MAIR = mean of domain averages (30+90)/2 = 60 (not the
@@ -201,17 +201,17 @@ def test_results_table_domain_mair_and_beir_averages():
 
 def test_results_table_without_beir_and_method_order():
     results = {t: r for t, r in _toy_results().items() if t != "B1"}
-    table = metrics.results_table(results, {"T1": "Code", "T2": "Code", "T3": "Legal"},
+    table = metrics.results_table(results, {"T1": "Code", "T2": "Code", "T3": "Legal"}, "p@1", "domains",
                                   metric="Acc@1", methods=["m2", "m1"])
     assert "BEIR" not in _row(table, "Method")[-1]
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:4]] == ["m2", "m1"]
     with pytest.raises(KeyError, match="no domain"):
-        metrics.results_table(results, {"T1": "Code"})
+        metrics.results_table(results, {"T1": "Code"}, "p@1", "domains")
 
 
 def test_results_tables_one_per_metric_in_order():
     results = {"T1": {"bm25": {"Acc@1": 0.25, "nDCG@10": 0.5, "R@100": 0.75}}}
-    md = metrics.results_tables(results, {"T1": "Code"})
+    md = metrics.results_tables(results, {"T1": "Code"}, "p@1", "domains")
     assert md.index("## Acc@1") < md.index("## nDCG@10") < md.index("## R@100")
     assert [_row(part, "bm25")[0] for part in md.split("## ")[1:]] == ["25.0", "50.0", "75.0"]
 

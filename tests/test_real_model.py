@@ -43,20 +43,24 @@ def pipeline(tmp_path_factory, demo_root, smol_path):
     docs, queries = _small_task(TASK, root, demo_root)
     _small_task(TRAIN_TASK, root, demo_root)
     sft = {"BASE_MODEL": smol_path, "TRAIN_TASKS": [TRAIN_TASK], "DATA_ROOT": root, "MAX_EXAMPLES": 24,
-           "LR": 1e-4, "WARMUP_STEPS": 0, "EPOCHS": 1, "BATCH_SIZE": 8, "MAX_LEN": 160, "MAX_DOC_TOKENS": 64}
+           "LR": 1e-4, "WARMUP_STEPS": 0, "EPOCHS": 1, "BATCH_SIZE": 8, "MAX_LEN": 160, "MAX_DOC_TOKENS": 64,
+           "WEIGHT_DECAY": 0.01, "PRECISION": "bf16"}  # the released switches, set explicitly
     generate = {"TASKS": [TASK], "TOTAL_NUM": 1, "DATA_ROOT": root, "MAX_TOKENS": 24, "BATCH_SIZE": 24,
                 "LOG_DIR": str(tmp / "log")}
     config = {
-        "sftqg": {**sft, "OUT_DIR": str(tmp / "qg"), "SFT_DATA": str(tmp / "qg.jsonl")},
-        "qg_vllm": {**generate, "MODEL_NAME": str(tmp / "qg"), "NUM_Q": NUM_Q},
+        "sftqg": {**sft, "OUT_DIR": str(tmp / "qg"), "SFT_DATA": str(tmp / "qg.jsonl"), "EVAL_TASKS": [TASK],
+                  "ALLOW_EVAL_OVERLAP": False},
+        "qg_vllm": {**generate, "MODEL_NAME": str(tmp / "qg"), "NUM_Q": NUM_Q, "ZERO_SHOT": False},
         "sftid": {**sft, "OUT_DIR": str(tmp / "id"), "SFT_DATA": str(tmp / "id.jsonl")},
-        "title_vllm": {**generate, "MODEL_NAME": str(tmp / "id")},
+        "title_vllm": {**generate, "MODEL_NAME": str(tmp / "id"), "NORMALIZE_DOCIDS": False, "ZERO_SHOT": False},
         "genir": {"BASE_MODEL": smol_path, "MODEL_DIR": str(tmp / "retriever"), "OUT_DIR": str(tmp / "out"),
                   "RUN": "smol", "TASKS": [TASK], "DATA_ROOT": root, "NUM_Q": NUM_Q, "DOCASQ_N": 1,
                   "DOCASQ_WORDS": 16, "LR": 1e-4, "WARMUP_RATIO": 0.0, "EPOCHS": 1, "BATCH_SIZE": 8,
                   "MAX_LEN": 128, "RANK_EVERY": 4, "GROUP_SIZE": 4, "RANK_TOKEN": RANK_TOKEN, "K": 10,
                   "MAX_RESULTS": 10, "EVAL_BATCH_SIZE": 16, "KEEP_CHECKPOINTS": 1, "DROP_NO_POSITIVE": False,
-                  "DOCID_COLLISION_WARN": 0.5},
+                  "DOCID_COLLISION_WARN": 0.5, "WEIGHT_DECAY": 0.01, "PRECISION": "bf16", "RANKNET_MODE": "released",
+                  "BM25_STEMMER": None, "BM25_POSITIVE_ONLY": False, "MAX_EVAL_INSTRUCTION_TOKENS": None,
+                  "ACC1": "p@1", "MAIR_AVERAGE": "domains"},
     }
     path = str(tmp / "smol.json")
     write_json(config, path)

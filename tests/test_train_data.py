@@ -43,7 +43,8 @@ def setup(tmp_path_factory, demo_root, tiny_model_path):
     docs = _make_corpus(root, demo_root)
     saved = dict(genir.C)
     genir.C.update(DATA_ROOT=root, MODEL_DIR=os.path.join(tmp, "models"), RUN="t", NUM_Q=2, DOCASQ_N=2,
-                   DOCASQ_WORDS=24, BATCH_SIZE=16, MAX_LEN=128, RANK_EVERY=4, GROUP_SIZE=4, SEED=3)
+                   DOCASQ_WORDS=24, BATCH_SIZE=16, MAX_LEN=128, RANK_EVERY=4, GROUP_SIZE=4, SEED=3,
+                   BM25_STEMMER="english", BM25_POSITIVE_ONLY=True, RANKNET_MODE="joint")
     tokenizer = lm.load_tokenizer(tiny_model_path)
     token_id = genir.rank_token_id(tokenizer)
     data = genir.training_queries(TASK, train_data.CorpusFile(mc.docs_path(TASK, root)))
@@ -122,14 +123,14 @@ def test_docid_table_is_load_docids(setup):
 
 def test_memory_mapped_bm25_is_the_in_memory_one_and_bm25s(setup):
     docs = setup["docs"]
-    index = bm25.BM25Index(docs)
+    index = bm25.BM25Index(docs, "english", True)
     loaded = setup["supplier"].data.bm25
     queries = [q["query"] for q in read_jsonl(mc.queries_path(TASK, setup["root"]))]
     assert loaded.search(queries, k=100) == index.search(queries, k=100)
     assert not loaded.weights.data.flags.writeable  # the read-only mapping, not a copy
     reference = bm25s.BM25(k1=bm25.BM25_K1, b=bm25.BM25_B)
     tokens = bm25s.tokenize([d["doc"] for d in docs], stopwords=bm25.BM25_STOPWORDS,
-                            stemmer=Stemmer.Stemmer(bm25.BM25_STEMMER), show_progress=False)
+                            stemmer=Stemmer.Stemmer("english"), show_progress=False)
     reference.index(tokens, show_progress=False)
     s = reference.scores
     rows = [tokens.vocab[t] for t in sorted(index.vocab, key=index.vocab.get)]
@@ -150,7 +151,7 @@ def test_ranking_groups_and_their_lazy_negatives(setup):
             first.setdefault(q["labels"][0]["id"], q)
     groups = [(data.docs.ids[int(data.doc[g])], data.row(int(g))) for g in data.groups]
     assert groups == list(first.items())
-    index = bm25.BM25Index(docs)
+    index = bm25.BM25Index(docs, "english", True)
     want = genir.C["GROUP_SIZE"] - 1
     for g, (positive, row) in enumerate(groups):
         negatives = supplier.negatives(g, row["query"], positive)
