@@ -19,6 +19,7 @@ from docids import ExtractiveTeacher, normalize_docid
 from file_io import read_json, read_jsonl, write_json
 from prompts import retrieval_prompt
 from small_corpus import write_small_corpus
+from test_metrics import _row
 
 TASK = "PyDoc-Net"
 TOY_DOCS = [
@@ -188,14 +189,6 @@ def test_docids_raw_first_line_or_normalised(tiny_model_path, monkeypatch, caplo
 QRELS = {"q1": {"d1": 2, "d2": 1}, "q2": {"d3": 1}}
 RUN = metrics.run_from_rankings({"q1": ["d2", "d1"], "q2": ["d3"]})
 DOMAIN = {"T1": "Code", "T2": "Code", "T3": "Legal"}
-
-
-def _row(table, first_cell):
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0] == first_cell:
-            return cells[1:]
-    raise AssertionError(f"no row '{first_cell}' in\n{table}")
 
 
 def _task_results():
