@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["PyDoc-Net", "PyCode-Dev"]
 TRAIN_TASKS = ["PyDoc-Sys", "PyCode-Text"]
 SMOL = "models/SmolLM2-135M-Instruct"
+GENERATORS = ["tiny (demo SFT)", "SmolLM2 zero-shot", "SmolLM2 + short SFT"]
 MARKERS = ("<!-- generator-quality:start -->", "<!-- generator-quality:end -->")
 
 
@@ -68,9 +69,8 @@ def generators(out, sft_examples, log):
              out, log)
     run_step("sftid-smol", "sftid.py", {**sft, "OUT_DIR": smol_id, "SFT_DATA": os.path.join(out, "sft-id.jsonl")},
              out, log)
-    return {"tiny (demo SFT)": ("models/tiny-qg", "models/tiny-id", False),
-            "SmolLM2 zero-shot": (SMOL, SMOL, True),
-            "SmolLM2 + short SFT": (smol_qg, smol_id, False)}
+    return dict(zip(GENERATORS, [("models/tiny-qg", "models/tiny-id", False), (SMOL, SMOL, True),
+                                 (smol_qg, smol_id, False)]))
 
 
 def measure(out, data, name, qg_model, id_model, zero_shot, num_q, log):
@@ -82,22 +82,32 @@ def measure(out, data, name, qg_model, id_model, zero_shot, num_q, log):
                                           "NUM_Q": num_q}, out, log)
     run_step(f"docid-{slug}", "title_vllm.py", {**common, "MODEL_NAME": id_model, "MODEL_SUFIX": slug,
                                                  "NORMALIZE_DOCIDS": True}, out, log)
-    figures = {}
+    return figures_on_disk(data, name, num_q)
+
+
+def figures_on_disk(data, name, num_q):
+    """{corpus: {"queries": ..., "docids": ...}} of a generator, from the reports its outputs left
+    (None where a report is missing)."""
+    slug = "".join(c for c in name.lower() if c.isalnum())
+    reports = {}
     for corpus in mc.corpora_of(TASKS):
-        queries = mc.pseudo_queries_path(corpus, f"QG{slug}", num_q, data)
-        figures[corpus] = {"queries": read_json(queries[:-len(".jsonl")] + ".quality.json"),
-                           "docids": read_json(mc.gist_path(corpus, slug, data)[:-len(".jsonl")] + ".quality.json")}
-    return figures
+        paths = {"queries": mc.pseudo_queries_path(corpus, f"QG{slug}", num_q, data),
+                 "docids": mc.gist_path(corpus, slug, data)}
+        reports[corpus] = {k: quality.read_report(p) for k, p in paths.items()}
+    return reports
 
 
 def table(results, n_docs, num_q):
     """Markdown: one row per generator and corpus, then what the figures mean."""
     rows = [((name, corpus), f["queries"], f["docids"]) for name, by_corpus in results.items()
             for corpus, f in by_corpus.items()]
-    first = rows[0]
+    first = next(r for r in rows if r[1] and r[2])  # the definitions travel with every report
     notes = [f"{n_docs} documents per corpus (the same for every generator), {num_q} pseudo-queries each, "
              "sampled at temperature 1; DocIDs: raw = generated text, final = after the format normaliser.",
-             *(f"{k}: {v}." for k, v in {**first[1]["definitions"], **first[2]["definitions"]}.items())]
+             *(f"{what} {k.replace('_', ' ')}: {v}." for what, report in (("query", first[1]), ("DocID", first[2]))
+               for k, v in report["definitions"].items())]
+    if not all(q and d for _, q, d in rows):
+        notes.append("-: not measured yet (`python -m benchmarks.generator_quality` resumes the run where it stopped).")
     return quality.table(rows, ["generator", "corpus"]) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -118,8 +128,11 @@ def main(argv=None):
     parser.add_argument("--table-only", action="store_true", help="rewrite README.md's table from OUT's saved figures")
     args = parser.parse_args(argv)
     saved = os.path.join(ROOT, args.out, "generator_quality.json")
-    if args.table_only:
-        run = read_json(saved)
+    if args.table_only:  # from the saved run, or from what a run still going has finished ("-": not yet)
+        run = read_json(saved) if os.path.exists(saved) else {
+            "docs": args.docs, "num_q": args.num_q,
+            "results": {name: figures_on_disk(os.path.join(ROOT, args.out, "data"), name, args.num_q)
+                        for name in GENERATORS}}
         write_readme(table(run["results"], run["docs"], run["num_q"]))
         return 0
     if not os.path.exists(os.path.join(ROOT, SMOL, "conversion.json")):
