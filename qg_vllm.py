@@ -25,7 +25,6 @@ import quality
 import shards
 from config import declared, parse_args, setup_logging
 from data import read_docs, task_instruction
-from file_io import read_jsonl
 from prompts import query_generation_prompt
 
 C = {
@@ -65,22 +64,16 @@ def query_rows(instruction, num_q, generator, tokenizer, docs):
 
 def output(model_sufix, num_q):
     """NUM_Q pseudo-queries per document, in MAIR-Data/<MODEL_SUFIX>-<NUM_Q>/<corpus>/queries.jsonl."""
-    def path(corpus):
-        return mair_config.pseudo_queries_path(corpus, model_sufix, num_q, C["DATA_ROOT"])
-    return shards.Output(path, num_q, lambda row: row["labels"][0]["id"],
-                         report=lambda corpus: write_quality(path(corpus), corpus))
+    return shards.Output(lambda corpus: mair_config.pseudo_queries_path(corpus, model_sufix, num_q, C["DATA_ROOT"]),
+                         num_q, lambda row: row["labels"][0]["id"], figures=query_figures, what="pseudo-query")
 
 
-def write_quality(path, corpus):
-    """Pseudo-query figures (quality.py) of QUALITY_DOCS documents, beside the merged output."""
-    if quality.is_current(path):
-        return
-    docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
-    sample, by_doc = quality.sample_ids(docs, C["QUALITY_DOCS"], C["SEED"]), {}
-    for row in read_jsonl(path):
-        if str(row["labels"][0]["id"]) in sample:
-            by_doc.setdefault(str(row["labels"][0]["id"]), []).append(row["query"])
-    quality.write_report(path, quality.query_quality(docs, by_doc), corpus, "pseudo-query")
+def query_figures(docs, rows):
+    """Pseudo-query figures (quality.py) of the rows of the scored documents."""
+    by_doc = {}
+    for row in rows:
+        by_doc.setdefault(str(row["labels"][0]["id"]), []).append(row["query"])
+    return quality.query_quality(docs, by_doc)
 
 
 def gen(docs_path, data_name, pid, total_num, model_sufix, model_name, num_q):

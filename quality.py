@@ -12,7 +12,7 @@ import re
 from collections import Counter
 
 import bm25
-from file_io import read_json, write_json
+from file_io import read_json, read_jsonl, write_json
 
 log = logging.getLogger("quality")
 
@@ -113,6 +113,16 @@ def write_report(output_path, figures, corpus, what):
     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items() if k != "definitions"}
     log.info("%s %s quality: %s -> %s", corpus, what, shown, path)
     return path
+
+
+def report_output(path, docs, n, seed, doc_key, figures, corpus, what):
+    """Score a merged output beside it (unless its report is newer): `figures(docs, rows)` on the rows
+    of at most `n` of its documents (`sample_ids` with `seed`; `doc_key(row)` names a row's document)."""
+    if is_current(path):
+        return
+    sample = sample_ids(docs, n, seed)
+    rows = [row for row in read_jsonl(path) if str(doc_key(row)) in sample]
+    write_report(path, figures(docs, rows), corpus, what)
 
 
 def read_report(output_path):

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import devices
 import mair_config
+import quality
 from data import read_docs
 from file_io import DataError, add_jsonl, decode, read_jsonl, write_jsonl
 
@@ -59,7 +60,8 @@ class Output:
     path: object
     per_doc: int
     doc_key: object
-    report: object = None           # report(corpus): figures on a merged output (see quality.py)
+    figures: object = None          # figures(docs, rows): the output's quality report (quality.py)
+    what: str = ""                  # what the rows are, for the report's log line
 
 
 @dataclass
@@ -73,6 +75,8 @@ class Launch:
     gpu_memory_utilization: object
     data_root: str
     log_dir: str
+    quality_docs: int               # documents whose output rows are scored (quality.py; 0 = all)
+    seed: int
 
 
 def load_generator(model_name, gen, pid=0):
@@ -360,8 +364,11 @@ def run(script, launch_settings, args, shard, output, flags):
         return 0
     failed = launch_all(os.path.abspath(script), launch_settings, [*flags, *args.passthrough],
                         output.path, output.per_doc, output.doc_key)
-    if output.report:
+    if output.figures:
         for corpus in mair_config.corpora_of(launch_settings.tasks, launch_settings.data_root):
-            if corpus not in failed and os.path.exists(output.path(corpus)):
-                output.report(corpus)
+            path = output.path(corpus)
+            if corpus not in failed and os.path.exists(path):
+                docs = read_docs(mair_config.corpus_docs_path(corpus, launch_settings.data_root))
+                quality.report_output(path, docs, launch_settings.quality_docs, launch_settings.seed,
+                                      output.doc_key, output.figures, corpus, output.what)
     return 1 if failed else 0

@@ -27,7 +27,6 @@ import shards
 from config import declared, parse_args, setup_logging
 from data import read_docs
 from docids import ExtractiveTeacher, normalize_docid
-from file_io import read_jsonl
 from prompts import docid_prompt
 
 C = {
@@ -87,21 +86,14 @@ def docid_rows(teacher, generator, tokenizer, docs):
 
 def output(model_sufix):
     """One DocID per document (`gist`; `raw`: the generated text), in gist_ids/<corpus>/<MODEL_SUFIX>.jsonl."""
-    def path(corpus):
-        return mair_config.gist_path(corpus, model_sufix, C["DATA_ROOT"])
-    return shards.Output(path, 1, lambda row: row["id"], report=lambda corpus: write_quality(path(corpus), corpus))
+    return shards.Output(lambda corpus: mair_config.gist_path(corpus, model_sufix, C["DATA_ROOT"]), 1,
+                         lambda row: row["id"], figures=docid_figures, what="DocID")
 
 
-def write_quality(path, corpus):
-    """DocID figures (quality.py) of QUALITY_DOCS documents, raw and final, beside the merged output."""
-    if quality.is_current(path):
-        return
-    docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
-    sample, raw, final = quality.sample_ids(docs, C["QUALITY_DOCS"], C["SEED"]), {}, {}
-    for row in read_jsonl(path):
-        if str(row["id"]) in sample:
-            raw[str(row["id"])], final[str(row["id"])] = row.get("raw", row["gist"]), row["gist"]
-    quality.write_report(path, quality.docid_report(docs, raw, final), corpus, "DocID")
+def docid_figures(docs, rows):
+    """DocID figures (quality.py) of the scored documents' rows, on the raw and the final text."""
+    return quality.docid_report(docs, {str(r["id"]): r.get("raw", r["gist"]) for r in rows},
+                                {str(r["id"]): r["gist"] for r in rows})
 
 
 def gen(docs_path, data_name, pid, total_num, model_sufix, model_name):

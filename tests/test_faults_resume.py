@@ -306,7 +306,8 @@ def test_launcher_rerun_reuses_finished_shards_for_the_merge(tmp_path, monkeypat
     monkeypatch.setattr(devices, "machine_gpus", lambda: [])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     run = shards.Launch(tasks=["PyDoc-Net"], total_num=2, pid_start=0, pid_end=None, merge_only=False,
-                        gpu_memory_utilization=None, data_root=root, log_dir=str(tmp_path / "log"))
+                        gpu_memory_utilization=None, data_root=root, log_dir=str(tmp_path / "log"),
+                        quality_docs=0, seed=0)
     final = str(work / "PyDoc-Net" / "title.jsonl")
 
     def launch():

@@ -147,7 +147,8 @@ def launch_setup(tmp_path, monkeypatch):
     script = tmp_path / "fake_shard.py"
     script.write_text(FAKE_SHARD)
     launch = shards.Launch(tasks=["PyDoc-Net"], total_num=5, pid_start=0, pid_end=None, merge_only=False,
-                           gpu_memory_utilization=None, data_root=root, log_dir=str(tmp_path / "log"))
+                           gpu_memory_utilization=None, data_root=root, log_dir=str(tmp_path / "log"),
+                           quality_docs=0, seed=0)
     monkeypatch.setattr(devices, "machine_gpus", lambda: EIGHT_GPUS)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("the launcher initialised CUDA"))
