@@ -161,8 +161,9 @@ class BM25Index:
         ids = self.doc_ids
         return [[ids[i] for i in top.tolist()] for top in self.search_indices(texts, k)]
 
-    def search_indices(self, texts, k=100):
-        """`search` as corpus positions (int arrays)."""
+    def search_indices(self, texts, k=100, positive_only=None):
+        """`search` as corpus positions (int arrays); `positive_only` None: the index's own setting."""
+        positive_only = self.positive_only if positive_only is None else positive_only
         if k < 1:
             raise ValueError(f"BM25Index.search: k must be >= 1, got {k}")
         t0, texts = time.time(), list(texts)
@@ -181,7 +182,7 @@ class BM25Index:
             scores = (counts[start:start + batch] @ self.weights).tocsr()
             for i in range(scores.shape[0]):
                 lo, hi = scores.indptr[i], scores.indptr[i + 1]
-                out.append(_top(scores.data[lo:hi], scores.indices[lo:hi], k, n_docs, self.positive_only))
+                out.append(_top(scores.data[lo:hi], scores.indices[lo:hi], k, n_docs, positive_only))
         if n_texts > 1:
             log.info("BM25 search: %d texts x %d docs in %.1f s", n_texts, n_docs, time.time() - t0)
         return out

@@ -137,6 +137,23 @@ def check_choices(constants, choices, source="settings"):
             raise SystemExit(f"{source}: {key}={constants[key]!r} is not one of {', '.join(map(repr, allowed))}")
 
 
+def check_positive_int_or_none(constants, key, source="settings"):
+    """SystemExit unless constants[key] is None or a positive int (a default of None takes any value)."""
+    value = constants[key]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise SystemExit(f"{source}: {key}={value!r} is not None or a positive int")
+
+
+def check_number_lists(constants, key, allowed, source="settings"):
+    """SystemExit unless constants[key] maps names from `allowed` to non-empty lists of numbers."""
+    for name, values in constants[key].items():
+        if name not in allowed:
+            raise SystemExit(f"{source}: {key} names {name!r}, not one of {', '.join(map(repr, allowed))}")
+        if not isinstance(values, (list, tuple)) or not values or \
+                any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise SystemExit(f"{source}: {key}[{name!r}]={values!r} is not a non-empty list of numbers")
+
+
 def declared(cls, constants, **values):
     """A settings dataclass `cls` from a script's constants: each field from the constant of the same
     name in upper case, unless given in `values`. A field with no such constant is a programming

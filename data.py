@@ -18,6 +18,7 @@ from prompts import DOCID_RULES, GENERIC_INSTRUCTION
 log = logging.getLogger("data")
 
 N_EXAMPLES = 5                # unknown-label examples kept in a qrels report
+DOCASQ_MODES = ("random", "leading", "none")  # DOCASQ_MODE: DOCASQ_N seeded windows, the first words, no passage
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -189,15 +190,23 @@ def eval_queries(path, doc_ids, drop_no_relevant):
 
 # ----------------------------------------------------------------------------- training rows
 
-def docasq_rows(docs, instruction, n, span, seed):
-    """Document-as-query examples: `n` passages of `span` words cut from each document (seeded random
-    windows; a short document gives fewer, distinct passages), streamed."""
+def window_start(words, span, rng):
+    """A random start of a `span`-word window in `words` (random.Random `rng`)."""
+    return rng.randrange(max(1, len(words) - span + 1))
+
+
+def docasq_rows(docs, instruction, n, span, seed, mode):
+    """Document-as-query examples, streamed: passages of `span` words cut from each document; DOCASQ_MODE
+    `mode` "random": `n` seeded random windows (a short document gives fewer, distinct passages),
+    "leading": one, its first words."""
+    if mode not in ("random", "leading"):
+        raise ValueError(f"DOCASQ_MODE={mode!r} makes no document-as-query passage (random or leading do)")
     rng = random.Random(seed)
     for d in docs:
         words = d["doc"].split()
         if not words:
             continue
-        starts = sorted({rng.randrange(max(1, len(words) - span + 1)) for _ in range(n)})
+        starts = [0] if mode == "leading" else sorted({window_start(words, span, rng) for _ in range(n)})
         for s in starts:
             yield {"instruction": instruction, "query": " ".join(words[s:s + span]),
                    "labels": [{"id": d["id"], "score": 1}]}

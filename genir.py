@@ -1,20 +1,18 @@
 """Step 5: train the generative retriever per corpus, build its prefix tree, decode ranked DocIDs
-with reverse-annealed sampling, and evaluate next to BM25; also the decoding ablation.
+with reverse-annealed sampling, and evaluate next to BM25; also the decoding ablation and the sweep.
 
     python genir.py [--config configs/demo.json]            # train + evaluate every task of TASKS
     accelerate launch --num_processes 8 genir.py             # 8 GPUs: DDP training, queries split
     python genir.py --STAGE=ablation                         # decoding ablation on the trained retrievers
+    python genir.py --STAGE=sweep                            # the schedule's k, m, T_max at SWEEP's values
     python genir.py --STAGE=table                            # rebuild results.md from finished tasks
 
-Per corpus: MODEL_DIR/<RUN>/<corpus>/ (retriever checkpoints, trie/). Per task:
-OUT_DIR/<RUN>/<task>/{bm25,zerogr,zerogr-rerank}.run (TREC) and metrics.json; then
-OUT_DIR/<RUN>/results.md (paper-style tables) and, for the ablation, a run per mode and task
-(ablation-<mode>.run), ablation.md / ablation.png / schedule.png. Finished tasks and ablation runs
-are reused on a rerun (delete them to recompute), a prefix tree that does not load is rebuilt; a
-failing corpus or task is reported in OUT_DIR/<RUN>/failures.json (while it stands) and the others go on.
+Per corpus: MODEL_DIR/<RUN>/<corpus>/ (checkpoints, trie/). Per task: OUT_DIR/<RUN>/<task>/ holds
+{bm25,zerogr,zerogr-rerank}.run (TREC), metrics.json, epochs.json (EVAL_EVERY_EPOCH) and the ablation's
+and sweep's runs; OUT_DIR/<RUN>/ results.md, ablation.md (+ plots), sweep.md. Finished tasks and runs
+are reused on a rerun (delete them to recompute); a failing corpus or task is reported in
+OUT_DIR/<RUN>/failures.json (while it stands) and the others go on.
 """
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -27,14 +25,16 @@ import lm
 import mair_config
 import metrics
 import quality
+import rank_groups
 import ranking
 import results
 import sft
 import train_data
-from config import check_choices, declared, env_rank, parse_args, setup_logging
-from data import eval_queries, load_docids, read_docs
-from file_io import DataError, write_json
-from prefix_tree import PrefixTree, TrieCacheError
+import trie_cache
+from config import check_choices, check_number_lists, check_positive_int_or_none, declared, env_rank, parse_args, \
+    setup_logging
+from data import DOCASQ_MODES, eval_queries, load_docids, read_docs
+from file_io import write_json
 from prompts import retrieval_prompt
 
 C = {
@@ -43,19 +43,26 @@ C = {
     "OUT_DIR": "out",                               # results: OUT_DIR/<RUN>/
     "RUN": "zerogr",
     "TASKS": [],                                    # evaluation tasks (see README: the paper's lists are unknown)
-    "STAGE": "all",                                 # all | train | eval | table | ablation
+    "STAGE": "all",                                 # all | train | eval | table | ablation | sweep
     "DATA_ROOT": mair_config.DATA_ROOT,
     # training data
     "QG_SUFIX": "QG",                               # pseudo-queries: MAIR-Data/<QG_SUFIX>-<NUM_Q>/<corpus>
     "NUM_Q": 16,
+    "NUM_PSEUDO": None,                             # pseudo-queries trained on per document: None = all (released)
     "DOCASQ_N": 16,                                 # document-as-query passages per document (0: none)
+    "DOCASQ_MODE": "random",                        # "random" windows | "leading" | "none" (released: read, not made)
     "DOCASQ_WORDS": 32,                             # words per passage
+    "DOCASQ_REDRAW": False,                         # True: "random" passages drawn again each epoch (released: fixed)
+    "QUERY_FILTER": None,                           # int k: train on a pseudo-query only if BM25 ranks its document
+                                                    #   in its top k (None: every one, as released)
     "GIST_TYPE": "title",                           # DocIDs: MAIR-Data/gist_ids/<corpus>/<GIST_TYPE>.jsonl
     # optimisation (the original code's values)
     "LR": 5e-5,
     "WARMUP_RATIO": 0.5,                            # warmup = half an epoch
     "WARMUP_STEPS": None,                           # None: WARMUP_RATIO
     "EPOCHS": 5,
+    "MAX_STEPS": None,                              # a budget of optimizer steps instead (None: EPOCHS, as released)
+    "EVAL_EVERY_EPOCH": True,                       # evaluate after each epoch but the last (released): epochs.json
     "BATCH_SIZE": 16,                               # per device
     "GRAD_ACCUM": 1,
     "GRAD_CLIP": 1.0,
@@ -77,11 +84,8 @@ C = {
     "GROUP_SIZE": 8,
     "RANK_TOKEN": "<|reserved_special_token_0|>",
     "NEGATIVE_DEPTH": 100,
-    "RANKNET_MODE": "released",                     # "released": a ranking step of its own (backward, optimizer
-                                                    #   and scheduler step) after the LM step, negatives drawn
-                                                    #   again at each draw, short groups padded with "NONE";
-                                                    #   "joint": ranking loss added to the LM loss, each group's
-                                                    #   negatives fixed (seeded), short lists topped up at random
+    "RANKNET_MODE": "released",                     # "released": a ranking step of its own, negatives redrawn, short
+                                                    #   groups padded; "joint": added to the LM loss, fixed negatives
     # decoding (DESIGN.md 6)
     "DECODE_MODE": "reverse_annealed",
     "K": 100,
@@ -111,6 +115,8 @@ C = {
     "MAIR_AVERAGE": "domains",                      # MAIR avg: mean of the domain averages ("domains", the
                                                     #   paper's table) or mean over the tasks ("tasks")
     "ABLATION_MODES": ["greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam"],
+    "SWEEP": {"SLOPE": [2.5, 5.0, 10.0, 20.0, 40.0], "MIDPOINT": [0.02, 0.05, 0.1, 0.2, 0.4],
+              "T_MAX": [0.5, 1.0, 1.5, 2.0, 3.0]},  # STAGE=sweep: each value with the others at their setting
     "SEED": 0,
     "LOG_EVERY": 10,
     "WANDB": "disabled",
@@ -135,16 +141,9 @@ def train_data_settings():
     return declared(train_data.TrainDataSettings, C)
 
 
-def generator_quality(corpus):
-    """The figures qg_vllm.py and title_vllm.py wrote beside the corpus's pseudo-queries and DocIDs."""
-    sources = train_data.source_paths(corpus, train_data_settings())
-    return {"queries": quality.read_report(sources["queries"]), "docids": quality.read_report(sources["docids"])}
-
-
 def training_queries(corpus, docs):
-    """The corpus's training set (pseudo-queries, then document-as-query passages, built when
-    missing), indexed on disk under its retriever's folder; `docs`: the corpus rows, streamed when
-    the index is (re)built (see train_data.prepare)."""
+    """The corpus's training set (pseudo-queries, then DocAsQ passages), indexed on disk under its retriever's
+    folder; `docs`: the corpus rows, streamed when the index is (re)built (see train_data.prepare)."""
     return train_data.prepare(corpus, docs, os.path.join(model_dir(corpus), "train_data"), train_data_settings())
 
 
@@ -155,17 +154,17 @@ def rank_token_id(tokenizer, model=None):
 
 def training_data(data, tokenizer, token_id):
     """A training set's examples (a dataset encoded on access) and, with the ranking loss, an endless
-    supplier of its ranking batches (train_data.RankGroups, over the set's BM25 index; None without)."""
+    supplier of its ranking batches (rank_groups.RankGroups, over the set's BM25 index; None without)."""
     lm.check_docid_tokens(tokenizer, data.docs)
-    settings = train_data_settings()
-    supplier = None
+    settings, supplier = train_data_settings(), None
     if C["RANK_LOSS"]:
-        supplier = train_data.RankGroups(tokenizer, data.bm25, data.docs, data, token_id, settings)
+        supplier = rank_groups.RankGroups(tokenizer, data.bm25, data.docs, data, token_id, settings)
     return train_data.EncodedExamples(data, tokenizer, settings), supplier
 
 
-def train_corpus(corpus):
-    """Train (or resume) the retriever of one corpus; returns its directory."""
+def train_corpus(corpus, tasks=()):
+    """Train (or resume) the retriever of one corpus; returns its directory. With EVAL_EVERY_EPOCH, the tasks of
+    `tasks` on this corpus are evaluated after every epoch but the last (epoch_evaluation)."""
     out = model_dir(corpus)
     if sft.training_done(out):
         log.info("%s: retriever already trained at %s", corpus, out)
@@ -173,33 +172,20 @@ def train_corpus(corpus):
     data = training_queries(corpus, train_data.CorpusFile(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"])))
     model, tokenizer, resume = sft.load_for_training(C["BASE_MODEL"], out, C["PRECISION"])
     examples, supplier = training_data(data, tokenizer, rank_token_id(tokenizer, model))
+    on_corpus = [t for t in tasks if mair_config.corpus_of(t, C["DATA_ROOT"]) == corpus]
     sft.train_sft(model, tokenizer, examples, out, declared(sft.SFTSettings, C),
-                 extra_loss=ranking.ranknet_loss if supplier else None, extra_batches=supplier, resume_from=resume,
-                 desc=f"genir {corpus}")
+                  extra_loss=ranking.ranknet_loss if supplier else None, extra_batches=supplier, resume_from=resume,
+                  desc=f"genir {corpus}",
+                  after_epoch=epoch_evaluation(on_corpus, tokenizer) if C["EVAL_EVERY_EPOCH"] and on_corpus else None)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
 
 def load_trie(corpus, tokenizer, docs, gists):
-    """The corpus's prefix tree, saved next to its retriever with a fingerprint of the DocIDs and
-    the tokenizer; rebuilt when they change or the saved tree does not load."""
-    path = os.path.join(model_dir(corpus), "trie")
+    """The corpus's prefix tree, cached next to its retriever (see trie_cache)."""
     pairs = [(d["id"], gists[d["id"]]) for d in docs if d["id"] in gists]
-    digest = hashlib.sha1(json.dumps([pairs, len(tokenizer), tokenizer.eos_token]).encode()).hexdigest()
-    if os.path.exists(path):
-        try:
-            tree = PrefixTree.load(path)
-            if tree.source == digest:
-                return tree
-        except TrieCacheError as e:
-            log.warning("%s: %s; rebuilding it", corpus, e)
-    tree = PrefixTree.build(pairs, tokenizer)
-    tree.source = digest
-    if env_rank() == 0:
-        tree.save(path)
-        log.info("%s: prefix tree of %d DocIDs (%d leaves) -> %s", corpus, len(pairs), tree.n_leaves, path)
-    return tree
+    return trie_cache.load_or_build(os.path.join(model_dir(corpus), "trie"), pairs, tokenizer, corpus, env_rank() == 0)
 
 
 def eval_prompts(tokenizer, queries):
@@ -208,8 +194,7 @@ def eval_prompts(tokenizer, queries):
     the query cut to MAX_EVAL_QUERY_TOKENS."""
     cut = C["MAX_EVAL_INSTRUCTION_TOKENS"]
     instructions = [q.get("instruction") or "" for q in queries]
-    if cut is not None:
-        instructions = [lm.truncate_tokens(tokenizer, text, cut) for text in instructions]
+    instructions = instructions if cut is None else [lm.truncate_tokens(tokenizer, i, cut) for i in instructions]
     return [lm.chat_prompt_ids(tokenizer, retrieval_prompt(i, lm.truncate_tokens(tokenizer, q["query"],
                                                                                    C["MAX_EVAL_QUERY_TOKENS"])))
             for i, q in zip(instructions, queries)]
@@ -222,10 +207,10 @@ def decode_settings(**changes):
     return declared(decoding.DecodeSettings, C, **values)
 
 
-def decode_queries(model, tokenizer, tree, queries, mode):
-    """{qid: ranked doc ids} decoded in `mode` for this process's queries, gathered from all."""
+def decode_queries(model, tokenizer, tree, queries, mode, **changes):
+    """{qid: ranked doc ids} in `mode` (and decode_settings `changes`) of this process's queries, gathered."""
     mine, state = sft.split_for_process(queries, C["DIST_TIMEOUT"])
-    found = decoding.decode(model, tree, eval_prompts(tokenizer, mine), decode_settings(mode=mode),
+    found = decoding.decode(model, tree, eval_prompts(tokenizer, mine), decode_settings(mode=mode, **changes),
                             keys=[str(q["qid"]) for q in mine], progress=state.is_main_process)
     local = [(str(q["qid"]), [doc for doc, _ in r.ranking]) for q, r in zip(mine, found)]
     return dict(sft.gather(local, state))
@@ -257,14 +242,15 @@ class EvalTask:
     tree: object
 
 
-def load_task(task):
-    """The EvalTask of an evaluation task."""
+def load_task(task, model=None, tokenizer=None):
+    """The EvalTask of an evaluation task, with its corpus's saved retriever or the given `model`, `tokenizer`."""
     corpus = mair_config.corpus_of(task, C["DATA_ROOT"])
     docs = read_docs(mair_config.corpus_docs_path(corpus, C["DATA_ROOT"]))
     gists, warnings = load_docids(mair_config.gist_path(corpus, C["GIST_TYPE"], C["DATA_ROOT"]), docs, corpus)
     queries, qrels, report = eval_queries(mair_config.queries_path(task, C["DATA_ROOT"]), {d["id"] for d in docs},
                                           C["DROP_NO_POSITIVE"])
-    model, tokenizer = lm.load_model(model_dir(corpus), device=sft.init_distributed(C["DIST_TIMEOUT"]).device)
+    if model is None:
+        model, tokenizer = lm.load_model(model_dir(corpus), device=sft.init_distributed(C["DIST_TIMEOUT"]).device)
     tree = load_trie(corpus, tokenizer, docs, gists)
     warnings += quality.docid_collisions(corpus, tree, C["DOCID_COLLISION_WARN"])
     return EvalTask(corpus, docs, gists, warnings, queries, qrels, report, model, tokenizer, tree)
@@ -278,87 +264,103 @@ def bm25_baseline(corpus, docs, queries, cache):
     return bm25.bm25_search(cache[corpus], queries, k=C["MAX_RESULTS"], with_instruction=C["BM25_WITH_INSTRUCTION"])
 
 
+def zerogr_runs(t):
+    """{name: {qid: ranked doc ids}} of ZeroGR on EvalTask `t`: "zerogr" and, with RERANK, "zerogr-rerank"."""
+    runs = {"zerogr": decode_queries(t.model, t.tokenizer, t.tree, t.queries, C["DECODE_MODE"])}
+    if C["RERANK"]:
+        runs["zerogr-rerank"] = rerank(t.model, t.tokenizer, t.queries, runs["zerogr"], t.gists,
+                                       rank_token_id(t.tokenizer))
+    return runs
+
+
+def method_metrics(qrels, runs):
+    """{method: metrics.evaluate's means} of `runs` ({name: {qid: ranked doc ids}})."""
+    return {METHODS[name]: metrics.evaluate(qrels, metrics.run_from_rankings(r))[0] for name, r in runs.items()}
+
+
 def evaluate_task(task, bm25_cache):
     """Evaluate one task: BM25, ZeroGR (generation order) and ZeroGR reranked; returns its metrics."""
     started = time.time()
     t = load_task(task)
     t.warnings += metrics.qrels_notes(task, t.report)
-    runs = {"bm25": bm25_baseline(t.corpus, t.docs, t.queries, bm25_cache)}
-    runs["zerogr"] = decode_queries(t.model, t.tokenizer, t.tree, t.queries, C["DECODE_MODE"])
-    if C["RERANK"]:
-        runs["zerogr-rerank"] = rerank(t.model, t.tokenizer, t.queries, runs["zerogr"], t.gists,
-                                       rank_token_id(t.tokenizer))
+    runs = {"bm25": bm25_baseline(t.corpus, t.docs, t.queries, bm25_cache), **zerogr_runs(t)}
+    sources = train_data.source_paths(t.corpus, train_data_settings())  # the generators' figures beside them
     result = {"task": task, "corpus": t.corpus, "domain": mair_config.task_domain(task, C["DATA_ROOT"]),
-              "queries": len(t.qrels),
-              "decoded_queries": len(t.queries), "methods": {}, "qrels_report": t.report, "warnings": t.warnings}
-    for name, rankings in runs.items():
-        result["methods"][METHODS[name]], _ = metrics.evaluate(t.qrels, metrics.run_from_rankings(rankings))
-    result["seconds"] = round(time.time() - started, 1)
-    result["generator_quality"] = generator_quality(t.corpus)
-    result["settings"] = {k: C[k] for k in ("DECODE_MODE", "K", "SLOPE", "MIDPOINT", "T_MAX", "TOP_K", "TOP_P",
-                                            "MAX_RESULTS", "SEED", "BM25_WITH_INSTRUCTION", "BM25_STEMMER",
-                                            "BM25_POSITIVE_ONLY", "MAX_EVAL_INSTRUCTION_TOKENS", "DROP_NO_POSITIVE")}
+              "queries": len(t.qrels), "decoded_queries": len(t.queries), "methods": method_metrics(t.qrels, runs),
+              "qrels_report": t.report, "warnings": t.warnings, "seconds": round(time.time() - started, 1),
+              "generator_quality": {k: sources[k] and quality.read_report(sources[k]) for k in ("queries", "docids")},
+              "settings": {k: C[k] for k in ("DECODE_MODE", "K", "SLOPE", "MIDPOINT", "T_MAX", "TOP_K", "TOP_P",
+                                             "MAX_RESULTS", "SEED", "BM25_WITH_INSTRUCTION", "BM25_STEMMER",
+                                             "BM25_POSITIVE_ONLY", "MAX_EVAL_INSTRUCTION_TOKENS", "DROP_NO_POSITIVE")},
+              "epochs": sft.epochs_trained(model_dir(t.corpus))}
     if env_rank() == 0:
         results.write_runs(os.path.join(run_dir(), task), runs)
         write_json(result, os.path.join(run_dir(), task, "metrics.json"))
     return result
 
 
-# ---------------------------------------------------------------------------------------------- ablation
+def epoch_evaluation(tasks, tokenizer):
+    """train_sft's after_epoch (EVAL_EVERY_EPOCH): ZeroGR on `tasks` with the model in training and `tokenizer`,
+    logged and added to OUT_DIR/<RUN>/<task>/epochs.json; not after the last epoch (the evaluation that follows)."""
+    def after_epoch(epoch, model):
+        for task in tasks:
+            t = load_task(task, model, tokenizer)
+            found = method_metrics(t.qrels, zerogr_runs(t))
+            log.info("%s: epoch %d Acc@1 %s", task, epoch, metrics.acc1_percent(found, C["ACC1"]))
+            if env_rank() == 0:
+                results.record_epoch(os.path.join(run_dir(), task), epoch, found)
+    return after_epoch
+
+
+# ---------------------------------------------------------------------------------------------- ablation, sweep
+
+def decoded_variants(tasks, variants, prefix):
+    """{name: {task: {metric: {qid: value}}}} of decoding `variants` ({name: decode_settings changes, mode included})
+    with the trained retrievers, each run cached as OUT_DIR/<RUN>/<task>/<prefix>-<name>.run (C's own: zerogr.run)."""
+    found = {}
+    for task in tasks:
+        t, done = load_task(task), {}
+        for name, changes in variants.items():
+            stem = "zerogr" if decode_settings(**changes) == decode_settings() else f"{prefix}-{name}"
+            if stem not in done:  # once a call: every process then reads the same file (or none)
+                done[stem] = results.cached_run(os.path.join(run_dir(), task, f"{stem}.run"), env_rank() == 0,
+                                                lambda: metrics.run_from_rankings(decode_queries(
+                                                    t.model, t.tokenizer, t.tree, t.queries, **changes)))
+            means, found.setdefault(name, {})[task] = metrics.evaluate(t.qrels, done[stem])
+            log.info("%s %s: %s", task, name, {m: round(v, 4) for m, v in means.items()})
+    return found
+
 
 def ablation(tasks):
-    """Every decoding mode on every query of `tasks`, with the trained retrievers; table and plots."""
-    per_query = {}
-    for task in tasks:
-        t = load_task(task)
-        for mode in C["ABLATION_MODES"]:
-            name = "zerogr" if mode == C["DECODE_MODE"] else f"ablation-{mode}"
-            path = os.path.join(run_dir(), task, f"{name}.run")
-            if os.path.exists(path):  # the main run, or a mode finished by an earlier ablation run
-                run = metrics.read_trec_run(path)
-            else:
-                run = metrics.run_from_rankings(decode_queries(t.model, t.tokenizer, t.tree, t.queries, mode))
-                if env_rank() == 0:
-                    metrics.write_trec_run(run, path, name)
-            _, values = metrics.evaluate(t.qrels, run)
-            for metric, by_qid in values.items():
-                per_query.setdefault(mode, {}).setdefault(metric, {}).update(
-                    {f"{task}/{qid}": v for qid, v in by_qid.items()})
-            log.info("%s %s: %s", task, mode, {m: round(sum(v.values()) / max(len(v), 1), 4)
-                                               for m, v in values.items()})
-    if env_rank() != 0:
-        return None
-    s = decode_settings()
-    settings = (f"K={s.K}, k={s.slope}, m={s.midpoint}, T_max={s.t_max}, top-k={s.top_k}, top-p={s.top_p}, "
-                f"nucleus T={s.nucleus_temperature}, beams={s.num_beams or s.K}")
-    return results.write_ablation(run_dir(), C["RUN"], tasks, per_query, C["DECODE_MODE"], settings, s.schedule(),
-                                  C["ACC1"])
+    """Every decoding mode of ABLATION_MODES on every query of `tasks`, with the trained retrievers; table, plots."""
+    found = decoded_variants(tasks, {mode: {"mode": mode} for mode in C["ABLATION_MODES"]}, "ablation")
+    if env_rank() == 0:
+        return results.write_ablation(run_dir(), C["RUN"], tasks, results.pooled(found), C["DECODE_MODE"],
+                                      results.settings_text(decode_settings()), decode_settings().schedule(), C["ACC1"])
+
+
+def sweep(tasks):
+    """The reverse-annealed schedule with each value of SWEEP ({SLOPE / MIDPOINT / T_MAX: values}), one parameter
+    at a time, on every query of `tasks` with the trained retrievers; sweep.md and sweep.json."""
+    values = [(key, value) for key, values in C["SWEEP"].items() for value in values]
+    found = decoded_variants(tasks, {f"{k}={v}": {"mode": "reverse_annealed", k.lower(): v} for k, v in values},
+                             "sweep")
+    if env_rank() == 0:
+        return results.write_sweep(run_dir(), C["RUN"], [(k, v, v == C[k], found[f"{k}={v}"]) for k, v in values],
+                                   results.settings_text(decode_settings()), C["ACC1"])
 
 
 # ---------------------------------------------------------------------------------------------- main
 
-def record_failure(failures, name, step, error):
-    """One corpus or task failing does not stop the others; under a multi-process launch only bad data
-    (met by every rank alike) is skipped: another error ends this rank and the launcher stops the rest."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not isinstance(error, DataError):
-        log.error("rank %d: %s %s failed; stopping this launch (rerun to resume)", env_rank(), name, step)
-        raise error
-    log.exception("%s: %s failed", name, step)
-    failures[name] = f"{step}: {type(error).__name__}: {error}"
-
-
-def check_eval_instruction_tokens(value):
-    """SystemExit unless MAX_EVAL_INSTRUCTION_TOKENS is None or a positive int (its default None takes any value)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise SystemExit(f"settings: MAX_EVAL_INSTRUCTION_TOKENS={value!r} is not None or a positive int")
-
-
 def main(argv=None):
     parse_args("genir", C, argv=argv, description=__doc__)
-    check_choices(C, {"STAGE": ("all", "train", "eval", "table", "ablation"), "BM25_STEMMER": (None, "english"),
-                      "ACC1": tuple(metrics.ACC1_DEFINITIONS), "MAIR_AVERAGE": tuple(metrics.MAIR_AVERAGES),
-                      "PRECISION": sft.PRECISIONS, "RANKNET_MODE": sft.RANKNET_MODES})
-    check_eval_instruction_tokens(C["MAX_EVAL_INSTRUCTION_TOKENS"])
+    check_choices(C, {"STAGE": ("all", "train", "eval", "table", "ablation", "sweep"),
+                      "BM25_STEMMER": (None, "english"), "ACC1": tuple(metrics.ACC1_DEFINITIONS),
+                      "MAIR_AVERAGE": tuple(metrics.MAIR_AVERAGES), "PRECISION": sft.PRECISIONS,
+                      "RANKNET_MODE": sft.RANKNET_MODES, "DOCASQ_MODE": DOCASQ_MODES})
+    check_positive_int_or_none(C, "MAX_EVAL_INSTRUCTION_TOKENS")
+    check_number_lists(C, "SWEEP", ("SLOPE", "MIDPOINT", "T_MAX"))
+    train_data.check_settings(train_data_settings())
     setup_logging(env_rank())
     tasks = [mair_config.check_task(t, C["DATA_ROOT"]) for t in C["TASKS"]]
     if not tasks:
@@ -367,9 +369,9 @@ def main(argv=None):
     if C["STAGE"] in ("all", "train"):
         for corpus in mair_config.corpora_of(tasks, C["DATA_ROOT"]):
             try:
-                train_corpus(corpus)
+                train_corpus(corpus, tasks)
             except Exception as e:
-                record_failure(failures, corpus, "training", e)
+                results.record_failure(failures, corpus, "training", e)
     if C["STAGE"] in ("all", "eval"):
         bm25_cache = {}
         for task in tasks:
@@ -380,13 +382,12 @@ def main(argv=None):
                 log.info("%s: already evaluated, skipped", task)
                 continue
             try:
-                result = evaluate_task(task, bm25_cache)
-                log.info("%s: Acc@1 %s", task, {m: round(metrics.with_acc1(v, C["ACC1"])["Acc@1"] * 100, 1)
-                                                 for m, v in result["methods"].items()})
+                methods = evaluate_task(task, bm25_cache)["methods"]
+                log.info("%s: Acc@1 %s", task, metrics.acc1_percent(methods, C["ACC1"]))
             except Exception as e:
-                record_failure(failures, task, "evaluation", e)
-    if C["STAGE"] == "ablation":
-        ablation(tasks)
+                results.record_failure(failures, task, "evaluation", e)
+    if C["STAGE"] in ("ablation", "sweep"):
+        {"ablation": ablation, "sweep": sweep}[C["STAGE"]](tasks)
     elif env_rank() == 0:
         results.write_results(run_dir(), tasks, C["RUN"], list(METHODS.values()), C["ACC1"], C["MAIR_AVERAGE"],
                               C["WANDB"], C["WANDB_PROJECT"])

@@ -8,7 +8,8 @@ Layout (all under DATA_ROOT, default `dataset/` next to this file, or $ZEROGR_DA
     MAIR-Docs/<task>/docs.jsonl                          {"id", "doc"}
     MAIR-Queries/<task>/queries.jsonl                    {"qid", "instruction", "query", "labels"}
     MAIR-Data/<model_sufix>-<num_q>/<corpus>/queries.jsonl   pseudo-queries
-    MAIR-Data/DocAsQ-<n>/<corpus>/queries.jsonl          document-as-query examples
+    MAIR-Data/DocAsQ-<n>/<corpus>/queries.jsonl          document-as-query examples (DOCASQ_MODE random)
+    MAIR-Data/DocAsQ-lead/<corpus>/queries.jsonl         ... (DOCASQ_MODE leading)
     MAIR-Data/gist_ids/<corpus>/<gist_type>.jsonl        DocIDs {"id", "gist"}
 """
 import difflib
@@ -309,8 +310,13 @@ def pseudo_queries_path(corpus, model_sufix="QG", num_q=16, root=None):
     return os.path.join(_root(root), "MAIR-Data", f"{model_sufix}-{num_q}", corpus, "queries.jsonl")
 
 
-def docasq_path(corpus, n=16, root=None):
-    return os.path.join(_root(root), "MAIR-Data", f"DocAsQ-{n}", corpus, "queries.jsonl")
+def docasq_path(corpus, n=16, root=None, mode="random"):
+    """The document-as-query file of DOCASQ_MODE `mode` ("random": `n` windows per document; "leading":
+    each document's first words, whatever `n`): one folder per mode, so no mode reads another's file."""
+    folders = {"random": f"DocAsQ-{n}", "leading": "DocAsQ-lead"}
+    if mode not in folders:
+        raise ValueError(f"DOCASQ_MODE={mode!r} has no document-as-query file (one of {', '.join(map(repr, folders))})")
+    return os.path.join(_root(root), "MAIR-Data", folders[mode], corpus, "queries.jsonl")
 
 
 def gist_path(corpus, gist_type="title", root=None):

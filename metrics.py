@@ -70,6 +70,11 @@ def with_acc1(values, acc1):
     return {**values, "Acc@1": values.get(ACC1_DEFINITIONS[acc1][0])}
 
 
+def acc1_percent(methods, acc1):
+    """{method: Acc@1 x100, to one decimal} of {method: aggregate metrics}, as log lines show it."""
+    return {m: round(with_acc1(v, acc1)["Acc@1"] * 100, 1) for m, v in methods.items()}
+
+
 def run_from_rankings(rankings):
     """{qid: [doc_id, ...]} in rank order -> run {qid: {doc_id: 1/rank}}; a repeated id keeps its first rank."""
     run = {}
@@ -128,7 +133,7 @@ def read_trec_run(path):
 
 # ----------------------------------------------------------------------------- result tables
 
-def _pct(value):
+def pct(value):
     return MISSING if value is None else f"{100 * value:.1f}"
 
 
@@ -136,7 +141,7 @@ def _mean_or_none(values):
     return None if not values or any(v is None for v in values) else float(np.mean(values))
 
 
-def _md_row(cells):
+def md_row(cells):
     return "| " + " | ".join(cells) + " |"
 
 
@@ -187,7 +192,7 @@ def results_table(results, task_domain, acc1, mair_average, beir_tasks=(), metri
     header = ["Method", *tasks, *(f"{d} avg" for d in domains)]
     header += [f"MAIR avg ({metric})"] if in_mair else []
     header += [f"BEIR avg ({BEIR_METRIC})"] if beir else []
-    lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
+    lines = [md_row(header), md_row(["---"] + ["---:"] * (len(header) - 1))]
     for method in methods:
         domain_avgs = [_mean_or_none([value(t, method, metric) for t in by_domain[d]]) for d in domains]
         cells = [value(t, method, metric) for t in tasks] + domain_avgs
@@ -196,7 +201,7 @@ def results_table(results, task_domain, acc1, mair_average, beir_tasks=(), metri
         else:
             cells += [_mean_or_none([value(t, method, metric) for t in in_mair])] if in_mair else []
         cells += [_mean_or_none([value(t, method, BEIR_METRIC) for t in beir])] if beir else []
-        lines.append(_md_row([method] + [_pct(c) for c in cells]))
+        lines.append(md_row([method] + [pct(c) for c in cells]))
     note = f"{metric} x100."
     if metric == "Acc@1":
         note += " " + ACC1_DEFINITIONS[acc1][1]
@@ -319,7 +324,7 @@ def ablation_table(per_query_by_method, reference="reverse_annealed", metrics=TA
     diff = {(m, k): arrays[m][k].mean() - arrays[reference][k].mean() for m, k in keys}
 
     header = ["Method", *metrics, *(f"Δ {k}" for k in metrics)]
-    lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
+    lines = [md_row(header), md_row(["---"] + ["---:"] * (len(header) - 1))]
     for m in methods:
         cells = [f"{m} (ref)" if m == reference else m]
         for k in metrics:
@@ -331,7 +336,7 @@ def ablation_table(per_query_by_method, reference="reverse_annealed", metrics=TA
             else:
                 star = "*" if p_holm[m, k] < alpha else ""
                 cells.append(f"{100 * diff[m, k]:+.1f} ({_p_text(p_holm[m, k])}){star}")
-        lines.append(_md_row(cells))
+        lines.append(md_row(cells))
 
     note = (f"Mean [95% percentile-bootstrap CI over queries, {n_boot} resamples] x100 on {n_queries} "
             f"queries. Δ: method - {reference}; p: two-sided paired sign-flip randomization test on "

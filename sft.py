@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import lm
-from file_io import apply_umask, write_json
+from file_io import apply_umask, read_json, write_json
 
 log = logging.getLogger("sft")
 
@@ -123,6 +123,11 @@ def training_done(out_dir):
     return os.path.exists(os.path.join(out_dir, "training_complete.json"))
 
 
+def epochs_trained(out_dir):
+    """The number of epochs of the finished training in `out_dir` (the last one maybe cut short by max_steps)."""
+    return len(read_json(os.path.join(out_dir, "training_complete.json"))["history"])
+
+
 def wandb_run(setting, project, name, out_dir, config=None):
     """A wandb run when `setting` (online / offline, else $WANDB_MODE) turns it on, else None."""
     mode = str(setting or os.environ.get("WANDB_MODE") or "disabled").lower()
@@ -203,11 +208,14 @@ def _restore_random_states(states, accelerator, order, extra_batches, desc):
 class SFTSettings:
     """train_sft's settings, the scripts' constants in lower case: AdamW's lr (constant after warmup), weight_decay;
     batch_size per process; warmup_steps (None: warmup_ratio of an epoch's steps); grad_clip: max gradient norm;
-    wandb mode (None: $WANDB_MODE), logs every log_every steps; keep_checkpoints (0 = all); dist_timeout in s;
+    wandb mode (None: $WANDB_MODE), logs every log_every steps; max_steps: a budget of optimizer steps (None: `epochs`
+    whole epochs; else as many epochs as it takes, the last one cut short); keep_checkpoints (0 = all);
+    dist_timeout in s;
     precision on CUDA (see training_precision); ranknet_mode, how an extra loss trains: "joint", added to the LM
     loss of its step; "released", after that step a forward, backward, optimizer and scheduler step of its own."""
     lr: float
     epochs: int
+    max_steps: int | None
     batch_size: int
     grad_accum: int
     warmup_steps: int | None
@@ -225,10 +233,13 @@ class SFTSettings:
 
 
 def train_sft(model, tokenizer, examples, out_dir, settings, extra_loss=None, extra_batches=None,
-              resume_from=None, desc="sft"):
+              resume_from=None, desc="sft", after_epoch=None):
     """Fine-tune `model` on encoded `examples` (a list or a map-style dataset) as SFTSettings `settings` say, with
     a checkpoint per epoch holding every process's random states (see SeededBatches): a run killed and resumed ends
-    as an uninterrupted one. Adds `extra_loss(lm, extra_batches(step))` where that is not None; returns a summary."""
+    as an uninterrupted one. Adds `extra_loss(lm, extra_batches(step))` where that is not None. `after_epoch(epoch,
+    model)`, when given, runs on every process after each epoch's checkpoint but the last (epoch from 1; the causal
+    LM unwrapped from DDP, put back in train mode afterwards). A dataset with `set_epoch(epoch)` is told each epoch
+    (from 0) before it is read. Returns a summary."""
     training = _Training(model, tokenizer, examples, out_dir, settings, extra_loss, extra_batches, desc)
     resume_from = resume_from or last_checkpoint(out_dir)
     state = training.resume(resume_from) if resume_from else None
@@ -236,13 +247,16 @@ def train_sft(model, tokenizer, examples, out_dir, settings, extra_loss=None, ex
                     dataclasses.asdict(settings)) if training.main else None
     if training.main:
         log.info("%s: %d examples, %d processes, %d optimizer steps/epoch, %d epochs, warmup %d, autocast %s -> %s",
-                 desc, len(examples), training.accelerator.num_processes, training.steps_per_epoch, settings.epochs,
+                 desc, len(examples), training.accelerator.num_processes, training.steps_per_epoch, training.epochs,
                  training.warmup, training.accelerator.mixed_precision, out_dir)
     if state is not None:  # last before the loop: nothing may draw between the restore and the first batch
         _restore_random_states(state.get("random"), training.accelerator, training.order, extra_batches, desc)
     started = time.time()
-    for epoch in range(training.start_epoch, settings.epochs):
+    for epoch in range(training.start_epoch, training.epochs):
         training.train_epoch(epoch, run, started)
+        if after_epoch is not None and epoch + 1 < training.epochs:
+            after_epoch(epoch + 1, training.accelerator.unwrap_model(training.module).lm)
+            training.module.train()
     return training.finish(run, started)
 
 
@@ -271,6 +285,7 @@ class _Training:
         self.module, self.optimizer, self.loader = self.accelerator.prepare(module, optimizer, loader)
         self.steps_per_epoch = steps = math.ceil(len(self.loader) / settings.grad_accum)
         self.warmup = int(settings.warmup_ratio * steps) if settings.warmup_steps is None else settings.warmup_steps
+        self.epochs = settings.epochs if settings.max_steps is None else math.ceil(settings.max_steps / steps)
         self.scheduler = get_constant_schedule_with_warmup(self.optimizer, self.warmup)
         self.tokenizer, self.out_dir, self.settings, self.extra_batches, self.desc = \
             tokenizer, out_dir, settings, extra_batches, desc
@@ -296,7 +311,8 @@ class _Training:
         accelerator, scheduler = self.accelerator, self.scheduler
         self.module.train()
         running, total, count = None, 0.0, 0
-        bar = tqdm(self.loader, desc=f"{self.desc} epoch {epoch + 1}/{self.settings.epochs}", disable=not self.main,
+        self.loader.set_epoch(epoch)  # accelerate's loader: tells a dataset with set_epoch, also after a resume
+        bar = tqdm(self.loader, desc=f"{self.desc} epoch {epoch + 1}/{self.epochs}", disable=not self.main,
                    dynamic_ncols=True)
         own_step = self.settings.ranknet_mode == "released"
         for batch in bar:
@@ -319,6 +335,8 @@ class _Training:
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if run and self.global_step % self.settings.log_every == 0 and accelerator.sync_gradients:
                 run.log({"loss": value, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, step=self.global_step)
+            if accelerator.sync_gradients and self.global_step == self.settings.max_steps:
+                break
         mean_loss = accelerator.gather(torch.tensor([total / max(count, 1)], device=accelerator.device)).mean().item()
         self.history.append({"epoch": epoch + 1, "loss": mean_loss, "steps": self.global_step,
                              "seconds": round(time.time() - started, 1)})

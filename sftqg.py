@@ -39,6 +39,7 @@ C = {
     "WARMUP_STEPS": 1000,
     "WARMUP_RATIO": 0.0,           # unused: WARMUP_STEPS sets the warmup
     "EPOCHS": 10,                  # the code's value; the paper notes say 5
+    "MAX_STEPS": None,             # a budget of optimizer steps instead (None: EPOCHS whole epochs, as released)
     "BATCH_SIZE": 32,              # per device
     "GRAD_ACCUM": 1,
     "GRAD_CLIP": 1.0,

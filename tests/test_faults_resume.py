@@ -23,8 +23,9 @@ from file_io import read_json, read_jsonl, write_jsonl
 from small_corpus import write_small_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = {"lr": 3e-3, "epochs": 3, "batch_size": 8, "grad_accum": 1, "warmup_steps": 2, "warmup_ratio": 0.0,
-       "grad_clip": 1.0, "weight_decay": 0.0, "seed": 0, "log_every": 10, "wandb": None, "wandb_project": "zerogr",
+CFG = {"max_steps": None, "lr": 3e-3, "epochs": 3, "batch_size": 8, "grad_accum": 1, "warmup_steps": 2,
+       "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": 0, "log_every": 10, "wandb": None,
+       "wandb_project": "zerogr",
        "keep_checkpoints": 0, "dist_timeout": 1800, "precision": "bf16", "ranknet_mode": "joint"}
 STEPS = 15  # 40 examples / 8 per batch x 3 epochs
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.dirname(os.path.abspath(__file__))]),

@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def sft_settings(**values):
     """SFT settings for the tiny model: `values` over the scripts' usual ones."""
-    return sft.SFTSettings(**{"grad_accum": 1, "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": 0,
+    return sft.SFTSettings(**{"max_steps": None, "grad_accum": 1,
+                             "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": 0,
                              "log_every": 10, "wandb": None, "wandb_project": "zerogr", "keep_checkpoints": 0,
                              "dist_timeout": 1800, "precision": "bf16", "ranknet_mode": "joint", **values})
 

@@ -10,6 +10,7 @@ import genir
 import lm
 import mair_config as mc
 import metrics
+import rank_groups
 import ranking
 import train_data
 from data import eval_queries, load_docids
@@ -24,11 +25,13 @@ N_DOCS = 40
 def _settings(root, tmp, tiny):
     return {"BASE_MODEL": tiny, "MODEL_DIR": os.path.join(tmp, "models"), "OUT_DIR": os.path.join(tmp, "out"),
             "RUN": "t", "TASKS": TASKS, "DATA_ROOT": root, "NUM_Q": 2, "DOCASQ_N": 2, "DOCASQ_WORDS": 24,
-            "LR": 3e-3, "WARMUP_RATIO": 0.0, "EPOCHS": 25, "BATCH_SIZE": 16, "MAX_LEN": 128, "RANK_EVERY": 4,
-            "GROUP_SIZE": 4, "K": 12, "EVAL_BATCH_SIZE": 64, "NUM_BEAMS": 6,
+            "LR": 3e-3, "WARMUP_RATIO": 0.0, "EPOCHS": 25, "MAX_STEPS": None, "BATCH_SIZE": 16, "MAX_LEN": 128,
+            "RANK_EVERY": 4, "GROUP_SIZE": 4, "K": 12, "EVAL_BATCH_SIZE": 64, "NUM_BEAMS": 6,
             "ABLATION_MODES": ["greedy", "iterative_greedy", "reverse_annealed"],
             "BM25_STEMMER": "english", "BM25_POSITIVE_ONLY": True, "MAX_EVAL_INSTRUCTION_TOKENS": 64,
-            "ACC1": "p@1", "MAIR_AVERAGE": "domains"}
+            "ACC1": "p@1", "MAIR_AVERAGE": "domains", "EVAL_EVERY_EPOCH": False, "NUM_PSEUDO": None,
+            "DOCASQ_REDRAW": False, "QUERY_FILTER": None,
+            "DOCASQ_MODE": "random"}
 
 
 def _make_corpus(root, demo_root):
@@ -109,7 +112,7 @@ def test_ranking_loss_step_runs(trained, settings):
     gists, _ = load_docids(mc.gist_path("PyDoc-Net", root=trained["root"]), docs, "PyDoc-Net")
     model, tok = lm.load_model(genir.model_dir("PyDoc-Net"))
     token = genir.rank_token_id(tok)
-    supplier = train_data.RankGroups(tok, docs, gists, genir.training_queries("PyDoc-Net", docs), token,
+    supplier = rank_groups.RankGroups(tok, docs, gists, genir.training_queries("PyDoc-Net", docs), token,
                                      genir.train_data_settings())
     assert supplier(1) is None
     batch = supplier(0)
@@ -234,9 +237,10 @@ def test_fast_rerank_equals_scoring_whole_sequences(trained, settings):
 
 def test_one_two_process_launch_trains_and_evaluates_every_corpus(trained, tmp_path):
     """`accelerate launch` with two CPU processes over both demo corpora, STAGE=all: each corpus is
-    trained by both processes, each task evaluated, and the gathered runs hold every query once."""
+    trained by both processes, evaluated after epoch 1 (EVAL_EVERY_EPOCH: every rank decodes its share
+    with the model unwrapped from DDP), each task evaluated, and the gathered runs hold every query once."""
     settings = dict(trained["settings"], MODEL_DIR=str(tmp_path / "models"), OUT_DIR=str(tmp_path / "out"),
-                    STAGE="all", EPOCHS=2, KEEP_CHECKPOINTS=1, K=8)
+                    STAGE="all", EPOCHS=2, KEEP_CHECKPOINTS=1, K=8, EVAL_EVERY_EPOCH=True)
     config = str(tmp_path / "cfg.json")
     write_json({"genir": settings}, config)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -253,6 +257,8 @@ def test_one_two_process_launch_trains_and_evaluates_every_corpus(trained, tmp_p
         result = read_json(os.path.join(out, task, "metrics.json"))
         qids = {str(q["qid"]) for q in read_jsonl(mc.queries_path(task, trained["root"])) if q["query"].strip()}
         assert result["decoded_queries"] == len(qids)
+        epochs = read_json(os.path.join(out, task, "epochs.json"))
+        assert list(epochs) == ["1"] and set(epochs["1"]) == {"ZeroGR", "ZeroGR (reranked)"}
         for name in genir.METHODS:
             with open(os.path.join(out, task, f"{name}.run"), encoding="utf-8") as f:
                 lines = [line.split() for line in f]

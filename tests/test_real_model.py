@@ -44,7 +44,7 @@ def pipeline(tmp_path_factory, demo_root, smol_path):
     _small_task(TRAIN_TASK, root, demo_root)
     sft = {"BASE_MODEL": smol_path, "TRAIN_TASKS": [TRAIN_TASK], "DATA_ROOT": root, "MAX_EXAMPLES": 24,
            "LR": 1e-4, "WARMUP_STEPS": 0, "EPOCHS": 1, "BATCH_SIZE": 8, "MAX_LEN": 160, "MAX_DOC_TOKENS": 64,
-           "WEIGHT_DECAY": 0.01, "PRECISION": "bf16"}  # the released switches, set explicitly
+           "MAX_STEPS": None, "WEIGHT_DECAY": 0.01, "PRECISION": "bf16"}  # the released switches, set explicitly
     generate = {"TASKS": [TASK], "TOTAL_NUM": 1, "DATA_ROOT": root, "MAX_TOKENS": 24, "BATCH_SIZE": 24,
                 "LOG_DIR": str(tmp / "log")}
     config = {
@@ -59,6 +59,8 @@ def pipeline(tmp_path_factory, demo_root, smol_path):
                   "MAX_LEN": 128, "RANK_EVERY": 4, "GROUP_SIZE": 4, "RANK_TOKEN": RANK_TOKEN, "K": 10,
                   "MAX_RESULTS": 10, "EVAL_BATCH_SIZE": 16, "KEEP_CHECKPOINTS": 1, "DROP_NO_POSITIVE": False,
                   "DOCID_COLLISION_WARN": 0.5, "WEIGHT_DECAY": 0.01, "PRECISION": "bf16", "RANKNET_MODE": "released",
+                  "EVAL_EVERY_EPOCH": True, "NUM_PSEUDO": None, "DOCASQ_MODE": "random", "MAX_STEPS": None,
+                  "DOCASQ_REDRAW": False, "QUERY_FILTER": None,
                   "BM25_STEMMER": None, "BM25_POSITIVE_ONLY": False, "MAX_EVAL_INSTRUCTION_TOKENS": None,
                   "ACC1": "p@1", "MAIR_AVERAGE": "domains"},
     }

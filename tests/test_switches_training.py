@@ -1,5 +1,5 @@
 """Training switches that choose between the released code's behaviour (each default) and ours:
-WEIGHT_DECAY, PRECISION and RANKNET_MODE, each run through the real training code in both settings."""
+WEIGHT_DECAY, PRECISION, RANKNET_MODE and MAX_STEPS, each run through the real training code in both settings."""
 import dataclasses
 import json
 import logging
@@ -12,6 +12,7 @@ import torch
 import genir
 import lm
 import mair_config as mc
+import rank_groups
 import sft
 import sftid
 import sftqg
@@ -27,7 +28,8 @@ DEMO = {"WEIGHT_DECAY": 0.0, "PRECISION": "bf16"}
 
 def settings(**values):
     """SFT settings for the tiny model, every switch given: `values` over these."""
-    return sft.SFTSettings(**{"lr": 1e-3, "epochs": 1, "batch_size": 8, "grad_accum": 1, "warmup_steps": 0,
+    return sft.SFTSettings(**{"lr": 1e-3, "epochs": 1, "max_steps": None, "batch_size": 8, "grad_accum": 1,
+                              "warmup_steps": 0,
                               "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "seed": 0, "log_every": 10,
                               "wandb": None, "wandb_project": "zerogr", "keep_checkpoints": 0, "dist_timeout": 1800,
                               "precision": "bf16", "ranknet_mode": "joint", **values})
@@ -56,6 +58,7 @@ def test_defaults_are_the_released_code_and_the_demo_keeps_ours():
         assert {k: module.C[k] for k in RELEASED} == RELEASED, name
         assert {k: demo[name][k] for k in DEMO} == DEMO, name
     assert genir.C["RANKNET_MODE"] == "released" and demo["genir"]["RANKNET_MODE"] == "joint"
+    assert all(module.C["MAX_STEPS"] is None and demo[name]["MAX_STEPS"] is None for name, module in TRAINERS.items())
 
 
 @pytest.mark.parametrize("script, argv, message", [
@@ -92,6 +95,39 @@ def test_weight_decay_shrinks_every_weight_by_lr_times_decay(tiny_model_path, ex
         after[decay] = model.state_dict()
     for name, w in w0.items():
         torch.testing.assert_close(after[0.0][name] - after[0.01][name], lr * 0.01 * w, rtol=1e-2, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- MAX_STEPS
+
+class EpochAware(list):
+    """Examples that note each epoch train_sft announces (as train_data.EncodedExamples needs for DOCASQ_REDRAW)."""
+    seen = None
+
+    def set_epoch(self, epoch):
+        self.seen.append(epoch)
+
+
+@pytest.mark.parametrize("epochs, max_steps, steps, evaluated", [(2, None, [4, 8], [1]), (1, 6, [4, 6], [1]),
+                                                                (9, 3, [3], [])])
+def test_max_steps_is_a_budget_over_epochs_the_last_cut_short(epochs, max_steps, steps, evaluated, tiny_model_path,
+                                                              examples, tmp_path, one_thread):
+    data, after = EpochAware(examples), []
+    data.seen = []
+    cfg = settings(epochs=epochs, max_steps=max_steps, batch_size=8)  # 32 examples: 4 steps an epoch
+    _, summary, saved = train(tiny_model_path, str(tmp_path / "out"), cfg, data,
+                              after_epoch=lambda epoch, model: after.append(epoch))
+    assert [h["steps"] for h in summary["history"]] == steps and summary["global_step"] == steps[-1]
+    assert list(dict.fromkeys(data.seen)) == list(range(len(steps))) and after == evaluated  # never after the last
+    assert saved["scheduler"]["last_epoch"] == steps[-1] and sft.epochs_trained(str(tmp_path / "out")) == len(steps)
+
+
+def test_a_resumed_run_tells_the_dataset_its_epoch(tiny_model_path, examples, tmp_path, one_thread):
+    out, data = str(tmp_path / "out"), EpochAware(examples)
+    train(tiny_model_path, out, settings(epochs=1, max_steps=None, batch_size=8), examples)
+    os.remove(os.path.join(out, "training_complete.json"))  # as if stopped after epoch 1 of 2
+    data.seen = []
+    _, summary, _ = train(tiny_model_path, out, settings(epochs=2, max_steps=None, batch_size=8), data)
+    assert set(data.seen) == {1} and summary["global_step"] == 8
 
 
 # ---------------------------------------------------------------------------------------------- PRECISION
@@ -197,7 +233,7 @@ def groups(tmp_path_factory, demo_root, tiny_model_path):
 
     def make(mode, group_size):
         s = dataclasses.replace(base, ranknet_mode=mode, group_size=group_size, batch_size=group_size, rank_every=1)
-        return train_data.RankGroups(tok, data.bm25, data.docs, data, token_id, s)
+        return rank_groups.RankGroups(tok, data.bm25, data.docs, data, token_id, s)
 
     return make, tok, data
 
@@ -225,7 +261,7 @@ def test_released_negatives_are_drawn_again_joint_ones_are_fixed(groups):
 
 def _answers(supplier, tok, batch):
     """(group, DocID) of each row of a ranking batch, found among every group's encodings."""
-    gists = [supplier.docids[d] for d in supplier.docids] + [train_data.PAD_DOCID]
+    gists = [supplier.docids[d] for d in supplier.docids] + [rank_groups.PAD_DOCID]
     known = {}
     for g in range(N_DOCS):
         row, _ = _group(supplier, g)
@@ -244,8 +280,8 @@ def test_released_pads_a_short_group_joint_drops_or_tops_it_up(groups):
     g = rows[0][0]
     assert len(rows) == N_DOCS + 2 and {r[0] for r in rows} == {g}
     assert rows[0][1] == released.docids[_group(released, g)[1]]
-    real = [gist for _, gist in rows[1:] if gist != train_data.PAD_DOCID]
-    assert len(set(real)) == len(real) <= N_DOCS - 1 and [gist for _, gist in rows[-2:]] == [train_data.PAD_DOCID] * 2
+    real = [gist for _, gist in rows[1:] if gist != rank_groups.PAD_DOCID]
+    assert len(set(real)) == len(real) <= N_DOCS - 1 and [gist for _, gist in rows[-2:]] == [rank_groups.PAD_DOCID] * 2
 
     for mode in ("released", "joint"):  # a BM25 list of one other document for every group
         supplier = make(mode, 4)
@@ -256,8 +292,8 @@ def test_released_pads_a_short_group_joint_drops_or_tops_it_up(groups):
             supplier.known[g] = True
         rows = _answers(supplier, tok, supplier(0))
         gists = [gist for _, gist in rows]
-        assert len(rows) == 4 and gists[0] != train_data.PAD_DOCID
+        assert len(rows) == 4 and gists[0] != rank_groups.PAD_DOCID
         if mode == "released":
-            assert gists[2:] == [train_data.PAD_DOCID] * 2 and gists[1] != train_data.PAD_DOCID
+            assert gists[2:] == [rank_groups.PAD_DOCID] * 2 and gists[1] != rank_groups.PAD_DOCID
         else:
-            assert train_data.PAD_DOCID not in gists and len(set(gists)) == 4
+            assert rank_groups.PAD_DOCID not in gists and len(set(gists)) == 4

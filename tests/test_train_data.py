@@ -13,6 +13,7 @@ import bm25
 import genir
 import lm
 import mair_config as mc
+import rank_groups
 import sft
 import train_data
 from data import load_docids
@@ -42,8 +43,9 @@ def setup(tmp_path_factory, demo_root, tiny_model_path):
     root = os.path.join(tmp, "data")
     docs = _make_corpus(root, demo_root)
     saved = dict(genir.C)
-    genir.C.update(DATA_ROOT=root, MODEL_DIR=os.path.join(tmp, "models"), RUN="t", NUM_Q=2, DOCASQ_N=2,
-                   DOCASQ_WORDS=24, BATCH_SIZE=16, MAX_LEN=128, RANK_EVERY=4, GROUP_SIZE=4, SEED=3,
+    genir.C.update(DATA_ROOT=root, MODEL_DIR=os.path.join(tmp, "models"), RUN="t", NUM_Q=2, NUM_PSEUDO=None,
+                   DOCASQ_N=2, DOCASQ_MODE="random", DOCASQ_REDRAW=False, QUERY_FILTER=None, DOCASQ_WORDS=24,
+                   BATCH_SIZE=16, MAX_LEN=128, RANK_EVERY=4, GROUP_SIZE=4, SEED=3,
                    BM25_STEMMER="english", BM25_POSITIVE_ONLY=True, RANKNET_MODE="joint")
     tokenizer = lm.load_tokenizer(tiny_model_path)
     token_id = genir.rank_token_id(tokenizer)
@@ -161,7 +163,7 @@ def test_ranking_groups_and_their_lazy_negatives(setup):
         found = supplier.top[g][supplier.top[g] >= 0].tolist()
         assert [index.doc_ids[i] for i in found] == index.search([row["query"]], k=100)[0]
         assert supplier.negatives(g, row["query"], positive) == negatives
-    again = train_data.RankGroups(tok, docs, gists, data, setup["token_id"], genir.train_data_settings())
+    again = rank_groups.RankGroups(tok, docs, gists, data, setup["token_id"], genir.train_data_settings())
     rng, per_step = random.Random(genir.C["SEED"]), genir.C["BATCH_SIZE"] // genir.C["GROUP_SIZE"]
     for step in range(4 * genir.C["RANK_EVERY"]):
         batch, repeat = supplier(step), again(step)
