@@ -190,9 +190,12 @@ DEMO_TASK_DOMAIN = {
     "PyCode-Text": "Code",   # train: code search, text / data-format modules
     "PyDoc-Net": "Code",     # eval: doc lookup, network / mail modules (unseen modules)
     "PyCode-Dev": "Code",    # eval: code search, developer-tool modules (unseen modules)
+    "PyDoc-Tune": "Code",    # development: doc lookup on modules of neither kind, for choosing the demo's settings
+    "PyCode-Tune": "Code",   # development: code search, likewise
 }
 DEMO_TRAIN_TASKS = ["PyDoc-Sys", "PyCode-Text"]
 DEMO_EVAL_TASKS = ["PyDoc-Net", "PyCode-Dev"]
+DEMO_DEV_TASKS = ["PyDoc-Tune", "PyCode-Tune"]
 
 
 class UnknownTaskError(KeyError):

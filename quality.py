@@ -32,6 +32,8 @@ DOCID_DEFINITIONS = {
     "collision_rate": "share of documents whose DocID another document also has (case and spacing ignored)",
     "mean_words": "mean words per DocID",
     "in_document_share": "share of DocID words (lower case) that occur in the document",
+    "fallback_share": "share of documents whose generated DocID was empty (after any normalising), given the "
+                      "extractive teacher's DocID from the document's text instead",
 }
 
 
@@ -84,9 +86,12 @@ def docid_quality(docs, docids):
     }
 
 
-def docid_report(docs, raw, final):
-    """DocID figures on the generated text (`raw`) and after post-processing (`final`)."""
-    return {"raw": docid_quality(docs, raw), "final": docid_quality(docs, final), "definitions": DOCID_DEFINITIONS}
+def docid_report(docs, raw, final, fallback=()):
+    """DocID figures on the generated text (`raw`) and after post-processing (`final`), with the share of
+    documents whose final DocID came from the extractive fallback (ids in `fallback`)."""
+    return {"raw": docid_quality(docs, raw), "final": docid_quality(docs, final),
+            "fallback_share": len(set(fallback) & set(final)) / len(final) if final else 0.0,
+            "definitions": DOCID_DEFINITIONS}
 
 
 def report_path(output_path):
@@ -137,8 +142,10 @@ COLUMNS = ["self-retrieval", "duplicate queries", "query words", "DocID collisio
 def table(rows, labels):
     """Markdown table: per row, its `labels` cells then the figures of (queries, DocIDs) reports
     (either may be None: "-")."""
-    lines = ["| " + " | ".join(labels + COLUMNS) + " |",
-             "| " + " | ".join(["---"] * len(labels) + ["---:"] * len(COLUMNS)) + " |"]
+    fallback = any(d and "fallback_share" in d for _, _, d in rows)  # reports written before it lack the figure
+    columns = COLUMNS + ["DocIDs from the fallback"] * fallback
+    lines = ["| " + " | ".join(labels + columns) + " |",
+             "| " + " | ".join(["---"] * len(labels) + ["---:"] * len(columns)) + " |"]
     for cells, q, d in rows:
         figures = ([f"{q['self_retrieval']:.1%}", f"{q['duplicate_share']:.1%}", f"{q['mean_words']:.1f}"]
                    if q else ["-"] * 3)
@@ -146,6 +153,8 @@ def table(rows, labels):
                      f"{d['final']['mean_words']:.1f}",
                      f"{d['raw']['in_document_share']:.1%} / {d['final']['in_document_share']:.1%}"]
                     if d else ["-"] * 3)
+        if fallback:
+            figures.append(f"{d['fallback_share']:.1%}" if d and "fallback_share" in d else "-")
         lines.append("| " + " | ".join(list(cells) + figures) + " |")
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,7 @@ import numpy as np
 import bm25
 import lm
 import sft
-from train_data import encode
+from train_data import encode, redrawn
 
 log = logging.getLogger("rank_groups")
 
@@ -23,7 +23,9 @@ class RankGroups(sft.SeededBatches):
     BM25Index or the corpus rows; searched when the group is first drawn, kept in bm25_top) minus the
     positive and documents without a DocID (`docids`: doc id -> DocID). ranknet_mode "released": drawn again by
     `rng` at each draw, a short group padded with PAD_DOCID; "joint": by a generator seeded with (seed, group),
-    the same at every draw, random documents with a DocID top up a short list (off with < group_size DocIDs)."""
+    the same at every draw, random documents with a DocID top up a short list (off with < group_size DocIDs).
+    With DOCASQ_REDRAW, a group whose query is a DocAsQ passage gets a new window of its document at each draw
+    (its BM25 candidates stay those of the stored passage)."""
 
     def __init__(self, tokenizer, index, docids, data, token_id, settings):
         self.index = index if isinstance(index, bm25.BM25Index) else \
@@ -45,7 +47,7 @@ class RankGroups(sft.SeededBatches):
         examples, n = [], len(self.data.groups)
         for group in self.rng.sample(range(n), min(self.per_step, n)):
             example = int(self.data.groups[group])
-            row = self.data.row(example)
+            row = redrawn(self.data, example, self.settings, f"{self.settings.seed}:rank:{step}:{group}")
             positive = self.data.docs.ids[int(self.data.doc[example])]
             gists = [self.docids[d] for d in [positive] + self.negatives(group, row["query"], positive)]
             for gist in gists + [PAD_DOCID] * (self.settings.group_size - len(gists)):

@@ -75,9 +75,10 @@ def docid_rows(teacher, generator, tokenizer, docs):
             gist = normalize_docid(text, fill_terms=teacher.ranked_terms(d["doc"]), doc=d["doc"])
         else:
             gist = first_line(text)
-        if not gist:
-            gist, fallback = teacher.docid(d["doc"]) or normalize_docid(d["id"]), fallback + 1
-        rows.append({"id": d["id"], "gist": gist, "raw": text})
+        fell_back = not gist  # the extractive teacher's DocID from the text; never one made from the document id
+        if fell_back:
+            gist, fallback = teacher.docid(d["doc"]), fallback + 1
+        rows.append({"id": d["id"], "gist": gist, "raw": text, **({"fallback": True} if fell_back else {})})
     if fallback:
         log.warning("%d of %d generated DocIDs were empty%s; used the extractive teacher", fallback, len(docs),
                     " after normalising" if C["NORMALIZE_DOCIDS"] else "")
@@ -93,7 +94,8 @@ def output(model_sufix):
 def docid_figures(docs, rows):
     """DocID figures (quality.py) of the scored documents' rows, on the raw and the final text."""
     return quality.docid_report(docs, {str(r["id"]): r.get("raw", r["gist"]) for r in rows},
-                                {str(r["id"]): r["gist"] for r in rows})
+                                {str(r["id"]): r["gist"] for r in rows},
+                                {str(r["id"]) for r in rows if r.get("fallback")})
 
 
 def gen(docs_path, data_name, pid, total_num, model_sufix, model_name):

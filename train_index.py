@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 import bm25
 from data import docasq_rows, docid_warnings, task_instruction
-from file_io import DataError, decode, iter_rows, require_fields, write_json, write_jsonl
+from file_io import DataError, decode, iter_rows, read_json, require_fields, write_json, write_jsonl
 
 log = logging.getLogger("train_data")
 
@@ -109,10 +109,8 @@ def build(corpus, docs, folder, sources, settings, stamp):
     for key, what, script in (("queries", "pseudo-queries", "qg_vllm.py"), ("docids", "DocIDs", "title_vllm.py")):
         if sources[key] and not os.path.exists(sources[key]):
             raise DataError(f"{corpus}: no {what} at {sources[key]} (run {script} first)")
-    if sources["docasq"] and not os.path.exists(sources["docasq"]):
-        write_jsonl(docasq_rows(docs, task_instruction(sources["docs"]), settings.docasq_n, settings.docasq_words,
-                                settings.seed, settings.docasq_mode), sources["docasq"])
-        log.info("%s: document-as-query examples -> %s", corpus, sources["docasq"])
+    if sources["docasq"]:
+        _docasq_file(corpus, docs, sources, settings)
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -150,6 +148,24 @@ def build(corpus, docs, folder, sources, settings, stamp):
     os.replace(tmp, folder)
     log.info("%s: training set of %d examples over %d documents -> %s (%.0f s)", corpus, sum(counts), n_docs,
              folder, time.time() - started)
+
+
+def _docasq_file(corpus, docs, sources, settings):
+    """Write the corpus's DocAsQ passages unless its file holds them for these settings (its settings file says
+    so); a file without a settings file is someone's own data and is used as it is."""
+    path, made = sources["docasq"], {"mode": settings.docasq_mode, "n": settings.docasq_n,
+                                     "words": settings.docasq_words, "seed": settings.seed}
+    record = os.path.splitext(path)[0] + ".settings.json"
+    if os.path.exists(path) and (not os.path.exists(record) or read_json(record) == made):
+        if not os.path.exists(record):
+            log.info("%s: document-as-query examples from %s (not made here: used as they are)", corpus, path)
+        return
+    if os.path.exists(path):  # gone before the new record: a stop in between leaves no stale passages behind
+        os.remove(path)
+    write_json(made, record)
+    write_jsonl(docasq_rows(docs, task_instruction(sources["docs"]), settings.docasq_n, settings.docasq_words,
+                            settings.seed, settings.docasq_mode), path)
+    log.info("%s: document-as-query examples (%s) -> %s", corpus, made, path)
 
 
 def _write_docs(docs, folder, corpus, settings):

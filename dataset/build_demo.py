@@ -73,6 +73,19 @@ DEMO_TASKS = {
         "enum", "copy", "collections", "abc", "weakref", "operator", "types"],
         "Find the implementation in Python's developer tooling (debuggers, introspection, testing, "
         "typing) that matches the description of what the code does."),
+    # development tasks: the demo's settings are chosen on these (benchmarks/tune_demo.py), never on the
+    # evaluation tasks; neither their queries nor their modules are in any training data
+    "PyDoc-Tune": (DOC_LOOKUP, [
+        "turtle", "_pydecimal", "numbers", "graphlib", "zipimport", "getopt", "getpass", "pkgutil", "runpy",
+        "pickle", "tracemalloc", "rlcompleter", "zoneinfo._zoneinfo", "tomllib._parser"],
+        "Given what a Python function does, in one sentence, find the reference entry of the "
+        "standard-library function (graphics, numbers, packaging, serialisation) that does it."),
+    "PyCode-Tune": (CODE_SEARCH, [
+        "_pyio", "_collections_abc", "importlib._bootstrap_external", "importlib._bootstrap", "site",
+        "ntpath", "genericpath", "venv", "xml.dom.expatbuilder", "ctypes", "multiprocessing.util",
+        "curses.textpad"],
+        "Given a description of what some Python code does, find the standard-library function whose "
+        "source implements it."),
 }
 
 MIN_QUERY_WORDS, MAX_QUERY_WORDS = 4, 40

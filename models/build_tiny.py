@@ -33,8 +33,8 @@ CHAT_TEMPLATE = (
 
 
 def corpus_texts(root=None):
-    """Documents, queries and instructions of every demo task (the tokenizer's training text)."""
-    for task in mair_config.DEMO_TASK_DOMAIN:
+    """Documents, queries and instructions of the demo training and evaluation tasks (the tokenizer's training text)."""
+    for task in mair_config.DEMO_TRAIN_TASKS + mair_config.DEMO_EVAL_TASKS:  # not the development tasks
         for row in iter_jsonl(mair_config.docs_path(task, root)):
             yield row["doc"]
         for row in iter_jsonl(mair_config.queries_path(task, root)):

@@ -16,7 +16,7 @@ def _load(task, root):
 @pytest.mark.parametrize("task", list(mc.DEMO_TASK_DOMAIN))
 def test_task_is_a_valid_mair_task(demo_root, task):
     docs, queries = _load(task, demo_root)
-    assert 250 <= len(docs) <= 1000
+    assert (150 if task in mc.DEMO_DEV_TASKS else 250) <= len(docs) <= 1000
     ids = [d["id"] for d in docs]
     assert len(ids) == len(set(ids)) and all(d["doc"].strip() for d in docs)
     assert len(queries) >= 0.8 * len(docs)
@@ -31,7 +31,8 @@ def test_query_text_is_not_copied_into_its_document(demo_root, task):
     docs, queries = _load(task, demo_root)
     by_id = {d["id"]: d["doc"] for d in docs}
     leaked = sum(q["query"] in by_id[lab["id"]] for q in queries for lab in q["labels"])
-    assert leaked <= 0.02 * len(queries)
+    # development tasks only choose settings: 10 turtle methods there repeat their first sentence (3.9%)
+    assert leaked <= (0.04 if task in mc.DEMO_DEV_TASKS else 0.02) * len(queries)
 
 
 def test_kinds_of_documents(demo_root):
@@ -45,7 +46,9 @@ def test_kinds_of_documents(demo_root):
 def test_evaluation_modules_are_unseen_in_training():
     train = {m for t in mc.DEMO_TRAIN_TASKS for m in build_demo.DEMO_TASKS[t][1]}
     evaluation = {m for t in mc.DEMO_EVAL_TASKS for m in build_demo.DEMO_TASKS[t][1]}
-    assert not train & evaluation
+    development = {m for t in mc.DEMO_DEV_TASKS for m in build_demo.DEMO_TASKS[t][1]}
+    assert not train & evaluation and not development & (train | evaluation)
+    assert {build_demo.DEMO_TASKS[t][0] for t in mc.DEMO_DEV_TASKS} == {build_demo.DOC_LOOKUP, build_demo.CODE_SEARCH}
     assert {build_demo.DEMO_TASKS[t][0] for t in mc.DEMO_EVAL_TASKS} == {build_demo.DOC_LOOKUP, build_demo.CODE_SEARCH}
 
 

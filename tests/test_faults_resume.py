@@ -173,7 +173,7 @@ def test_genir_with_the_ranking_loss_resumes_exactly(settings, tmp_path, demo_ro
         demo = json.load(f)["genir"]
     saved = dict(genir.C)
     overrides = {**(demo if settings == "demo" else {}), "BASE_MODEL": tiny_model_path, "TASKS": ["PyDoc-Net"],
-                 "DATA_ROOT": str(tmp_path / "data"), "EPOCHS": 3}
+                 "DATA_ROOT": str(tmp_path / "data"), "EPOCHS": 3, "MAX_STEPS": None, "RANK_LOSS": True}
     genir.C.update(overrides)
     assert genir.C["RANK_LOSS"]
     corpus = _genir_corpus(genir.C["DATA_ROOT"], demo_root, 8 if settings == "default" else 40, genir.C["NUM_Q"])

@@ -38,8 +38,9 @@ def test_shared_corpora():
 
 def test_beir_and_demo_tasks_are_known():
     assert all(t in mc.TASK_DOMAIN for t in mc.BEIR_TASKS)
-    assert set(mc.DEMO_TRAIN_TASKS) | set(mc.DEMO_EVAL_TASKS) == set(mc.DEMO_TASK_DOMAIN)
-    assert not set(mc.DEMO_TRAIN_TASKS) & set(mc.DEMO_EVAL_TASKS)
+    assert set(mc.DEMO_TRAIN_TASKS) | set(mc.DEMO_EVAL_TASKS) | set(mc.DEMO_DEV_TASKS) == set(mc.DEMO_TASK_DOMAIN)
+    assert not set(mc.DEMO_TRAIN_TASKS) & set(mc.DEMO_EVAL_TASKS) and not set(mc.DEMO_DEV_TASKS) & (
+        set(mc.DEMO_TRAIN_TASKS) | set(mc.DEMO_EVAL_TASKS))
     assert mc.corpus_of("PyDoc-Net") == "PyDoc-Net"
 
 

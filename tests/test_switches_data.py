@@ -149,6 +149,19 @@ def test_bad_switches_are_refused_by_name(corpus, switches, message):
     assert not os.path.exists(os.path.join(corpus["tmp"], "refused"))
 
 
+def test_a_made_docasq_file_follows_its_settings_and_ones_own_is_kept(corpus):
+    data, _ = build(corpus, "words5", docasq_n=3)
+    path = mc.docasq_path(TASK, 3, corpus["root"])
+    assert max(len(q.split()) for qs in examples(data, path).values() for q in qs) == WORDS
+    data, _ = build(corpus, "words2", docasq_n=3, docasq_words=2)  # same path, other words: made again
+    assert {len(q.split()) for qs in examples(data, path).values() for q in qs} == {2}
+    os.remove(os.path.splitext(path)[0] + ".settings.json")
+    write_jsonl([{"instruction": "", "query": "my own passage", "labels": [{"id": "d1", "score": 1}]}], path)
+    data, _ = build(corpus, "own", docasq_n=3)
+    assert examples(data, path) == {"d1": ["my own passage"]}
+    os.remove(path)
+
+
 # ---------------------------------------------------------------------------------------------- DOCASQ_REDRAW
 
 def queries_seen(data, settings, tok, epoch, monkeypatch):

@@ -12,6 +12,7 @@ import genir
 import lm
 import mair_config as mc
 import metrics
+import quality
 import results
 import title_vllm
 import train_data
@@ -175,6 +176,10 @@ def test_docids_raw_first_line_or_normalised(tiny_model_path, monkeypatch, caplo
     assert [r["gist"] for r in raw] == ["Socket Close: the Connection, Banana!", "json parse",
                                         teacher.docid(docs[2]["doc"])]
     assert "1 of 3 generated DocIDs were empty; used the extractive teacher" in warned[False]
+    assert [r.get("fallback", False) for r in raw] == [False, False, True]  # counted, never made from the id
+    assert title_vllm.docid_figures(docs, raw)["fallback_share"] == pytest.approx(1 / 3)
+    assert title_vllm.docid_figures(docs, normalised)["fallback_share"] == 0.0
+    assert "DocIDs from the fallback" in quality.table([(("c",), None, title_vllm.docid_figures(docs, raw))], ["x"])
     for r, d in zip(normalised, docs):
         assert r["gist"] == normalize_docid(r["raw"], fill_terms=teacher.ranked_terms(d["doc"]), doc=d["doc"])
     assert "were empty" not in warned[True]

@@ -58,7 +58,7 @@ def test_defaults_are_the_released_code_and_the_demo_keeps_ours():
         assert {k: module.C[k] for k in RELEASED} == RELEASED, name
         assert {k: demo[name][k] for k in DEMO} == DEMO, name
     assert genir.C["RANKNET_MODE"] == "released" and demo["genir"]["RANKNET_MODE"] == "joint"
-    assert all(module.C["MAX_STEPS"] is None and demo[name]["MAX_STEPS"] is None for name, module in TRAINERS.items())
+    assert all(module.C["MAX_STEPS"] is None and "MAX_STEPS" in demo[name] for name, module in TRAINERS.items())
 
 
 @pytest.mark.parametrize("script, argv, message", [
