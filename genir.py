@@ -13,11 +13,11 @@ and sweep's runs; OUT_DIR/<RUN>/ results.md, ablation.md (+ plots), sweep.md. Fi
 are reused on a rerun (delete them to recompute); a failing corpus or task is reported in
 OUT_DIR/<RUN>/failures.json (while it stands) and the others go on.
 """
+import dataclasses
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import bm25
 import decoding
@@ -74,8 +74,7 @@ C = {
     "MAX_INSTRUCTION_TOKENS": 64,
     "MAX_QUERY_TOKENS": 64,                         # training queries
     "MAX_EVAL_QUERY_TOKENS": 128,
-    "MAX_EVAL_INSTRUCTION_TOKENS": None,            # evaluation prompts: None = the whole instruction (released);
-                                                    #   an int cuts it to that many tokens (as in training)
+    "MAX_EVAL_INSTRUCTION_TOKENS": None,            # eval prompts: whole instruction (None, released) | first n tokens
     # ranking loss of the original code: every RANK_EVERY steps, groups of 1 positive + GROUP_SIZE-1
     # BM25 negatives scored by RANK_TOKEN's logit at the last position, RankNet loss
     "RANK_LOSS": True,
@@ -103,16 +102,13 @@ C = {
     "RERANK": True,                                 # also rank the candidates by RANK_TOKEN's logit
     "RERANK_BATCH_SIZE": 512,                       # candidate rows scored together
     "BM25_WITH_INSTRUCTION": False,
-    "BM25_STEMMER": None,                           # BM25 (baseline and negatives): None = no stemming (released);
-                                                    #   "english" = PyStemmer's English stemmer
+    "BM25_STEMMER": None,                           # BM25 (baseline, negatives): unstemmed (None, released) | "english"
     "BM25_POSITIVE_ONLY": False,                    # False: top MAX_RESULTS / NEGATIVE_DEPTH whatever the score,
                                                     #   zero-score documents last (released); True: scored ones only
     "DROP_NO_POSITIVE": False,                      # True: queries with no relevant label leave the qrels (BEIR)
     "DOCID_COLLISION_WARN": 0.5,                    # warn when more documents than this share their DocID
-    "ACC1": "p@1",                                  # tables' Acc@1: "p@1" (the paper's accuracy) or "ndcg@1"
-                                                    #   (what the released code logged as its top-1 metric)
-    "MAIR_AVERAGE": "domains",                      # MAIR avg: mean of the domain averages ("domains", the
-                                                    #   paper's table) or mean over the tasks ("tasks")
+    "ACC1": "p@1",                                  # "p@1" (the paper's accuracy) | "ndcg@1" (the released code's log)
+    "MAIR_AVERAGE": "domains",                      # MAIR avg: mean of domain averages ("domains", paper) | "tasks"
     "ABLATION_MODES": ["greedy", "iterative_greedy", "nucleus", "reverse_annealed", "beam"],
     "SWEEP": {"SLOPE": [2.5, 5.0, 10.0, 20.0, 40.0], "MIDPOINT": [0.02, 0.05, 0.1, 0.2, 0.4],
               "T_MAX": [0.5, 1.0, 1.5, 2.0, 3.0]},  # STAGE=sweep: each value with the others at their setting
@@ -225,7 +221,7 @@ def rerank(model, tokenizer, queries, rankings, gists, token_id):
     return dict(sft.gather([(str(q["qid"]), docs) for q, docs in zip(mine, ordered)], state))
 
 
-@dataclass
+@dataclasses.dataclass
 class EvalTask:
     """What evaluating one task needs: its corpus, the queries to decode with their qrels, the
     corpus's trained retriever and prefix tree, and the warnings met on the way."""
@@ -301,9 +297,13 @@ def evaluate_task(task, bm25_cache):
 def epoch_evaluation(tasks, tokenizer):
     """train_sft's after_epoch (EVAL_EVERY_EPOCH): ZeroGR on `tasks` with the model in training and `tokenizer`,
     logged and added to OUT_DIR/<RUN>/<task>/epochs.json; not after the last epoch (the evaluation that follows)."""
+    loaded = {}  # task -> EvalTask: its corpus, queries and prefix tree are read once, at the first epoch
+
     def after_epoch(epoch, model):
         for task in tasks:
-            t = load_task(task, model, tokenizer)
+            if task not in loaded:
+                loaded[task] = load_task(task, model, tokenizer)
+            t = dataclasses.replace(loaded[task], model=model)
             found = method_metrics(t.qrels, zerogr_runs(t))
             log.info("%s: epoch %d Acc@1 %s", task, epoch, metrics.acc1_percent(found, C["ACC1"]))
             if env_rank() == 0:

@@ -47,9 +47,10 @@ class RankGroups(sft.SeededBatches):
         examples, n = [], len(self.data.groups)
         for group in self.rng.sample(range(n), min(self.per_step, n)):
             example = int(self.data.groups[group])
-            row = redrawn(self.data, example, self.settings, f"{self.settings.seed}:rank:{step}:{group}")
+            stored = self.data.row(example)  # its BM25 candidates: those of the stored query, whenever first drawn
+            row = redrawn(self.data, example, stored, self.settings, f"{self.settings.seed}:rank:{step}:{group}")
             positive = self.data.docs.ids[int(self.data.doc[example])]
-            gists = [self.docids[d] for d in [positive] + self.negatives(group, row["query"], positive)]
+            gists = [self.docids[d] for d in [positive] + self.negatives(group, stored["query"], positive)]
             for gist in gists + [PAD_DOCID] * (self.settings.group_size - len(gists)):
                 examples.append(encode(self.tokenizer, row, gist, self.settings))
         batch = lm.collate(examples, self.tokenizer.pad_token_id)

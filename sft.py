@@ -210,9 +210,9 @@ class SFTSettings:
     batch_size per process; warmup_steps (None: warmup_ratio of an epoch's steps); grad_clip: max gradient norm;
     wandb mode (None: $WANDB_MODE), logs every log_every steps; max_steps: a budget of optimizer steps (None: `epochs`
     whole epochs; else as many epochs as it takes, the last one cut short); keep_checkpoints (0 = all);
-    dist_timeout in s;
-    precision on CUDA (see training_precision); ranknet_mode, how an extra loss trains: "joint", added to the LM
-    loss of its step; "released", after that step a forward, backward, optimizer and scheduler step of its own."""
+    dist_timeout in s; precision on CUDA (see training_precision); ranknet_mode, how an extra loss trains:
+    "joint", added to the LM loss of its step; "released", after that step a forward, backward, optimizer and
+    scheduler step of its own."""
     lr: float
     epochs: int
     max_steps: int | None

@@ -219,14 +219,15 @@ class EncodedExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         data, s = self.data, self.settings
-        row = data.row(i) if not self.epoch else redrawn(data, i, s, f"{s.seed}:{self.epoch}:{i}")
+        row = data.row(i)
+        if self.epoch:
+            row = redrawn(data, i, row, s, f"{s.seed}:{self.epoch}:{i}")
         return encode(self.tokenizer, row, data.docs.docids[int(data.doc[i])], s)
 
 
-def redrawn(data, i, settings, key):
-    """Example i's row (TrainingSet `data`); with DOCASQ_REDRAW, a DocAsQ example's passage is instead a
+def redrawn(data, i, row, settings, key):
+    """Example i's `row` (TrainingSet `data`); with DOCASQ_REDRAW, a DocAsQ example's passage is instead a
     window of its document drawn by random.Random(`key`)."""
-    row = data.row(i)
     if settings.docasq_redraw and data.path(i) == data.meta["docasq"]:
         words = data.texts[int(data.doc[i])].split()
         start = window_start(words, settings.docasq_words, random.Random(key))

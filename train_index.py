@@ -169,7 +169,8 @@ def _docasq_file(corpus, docs, sources, settings):
 
 
 def _write_docs(docs, folder, corpus, settings):
-    """Document ids (and the BM25 index with the ranking loss) of the streamed corpus; returns its size."""
+    """Document ids of the streamed corpus, its BM25 index (with the ranking loss or QUERY_FILTER) and its texts
+    (DOCASQ_REDRAW); returns its size."""
     keys, bounds = array("Q"), array("q")
 
     def texts(ids):
@@ -184,8 +185,7 @@ def _write_docs(docs, folder, corpus, settings):
                 text_bounds.extend(append_text(blob, text))
             yield text
 
-    text_bounds = array("q")
-    texts_file = os.path.join(folder, "doc_texts.bin")
+    text_bounds, texts_file = array("q"), os.path.join(folder, "doc_texts.bin")
     with open(os.path.join(folder, "doc_ids.bin"), "wb") as ids, \
             open(texts_file, "wb") if settings.docasq_redraw else contextlib.nullcontext() as blob:
         if settings.rank_loss or settings.query_filter:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import genir
 import mair_config as mc
 from file_io import atomic_open, read_json
 
@@ -44,9 +45,10 @@ CHOSEN = "B0-redraw-w12"  # the best mean Acc@1 of the development tasks: config
 
 def generated_data(tasks):
     """The development tasks' pseudo-queries and DocIDs, made by the demo's generators when missing."""
-    root = mc.DATA_ROOT
-    for script, path in (("qg_vllm.py", lambda c: mc.pseudo_queries_path(c, "QG", 4, root)),
-                         ("title_vllm.py", lambda c: mc.gist_path(c, "title", root))):
+    demo, root = read_json(os.path.join(ROOT, "configs", "demo.json")), mc.DATA_ROOT
+    qg, gist_type = demo["qg_vllm"], demo["genir"].get("GIST_TYPE", genir.C["GIST_TYPE"])
+    for script, path in (("qg_vllm.py", lambda c: mc.pseudo_queries_path(c, qg["MODEL_SUFIX"], qg["NUM_Q"], root)),
+                         ("title_vllm.py", lambda c: mc.gist_path(c, gist_type, root))):
         if not all(os.path.exists(path(t)) for t in tasks):
             subprocess.check_call([sys.executable, script, "--config", "configs/demo.json",
                                    f"--TASKS={json.dumps(tasks)}"], cwd=ROOT)
@@ -80,7 +82,8 @@ def table(found, tasks):
         seconds = sum(read_json(os.path.join(ROOT, OUT, "models", name, mc.corpus_of(t), "training_complete.json"))
                       ["seconds"] for t in tasks)
         lines.append("| " + " | ".join([
-            f"**{name}** (demo.json)" if name == CHOSEN else name, ", ".join(f"{k}={v}" for k, v in CANDIDATES[name].items()),
+            f"**{name}** (demo.json)" if name == CHOSEN else name,
+            ", ".join(f"{k}={v}" for k, v in CANDIDATES[name].items()),
             *(f"{pct(g['Acc@1'])} / {pct(g['R@100'])}" for g in gen),
             pct(sum(g["Acc@1"] for g in gen) / len(gen)),
             " / ".join(pct(r) for r in reranked), f"{seconds:.0f}"]) + " |")

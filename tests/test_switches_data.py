@@ -5,6 +5,7 @@ train_data.prepare (and the encoded examples) on a small synthetic corpus."""
 import dataclasses
 import os
 
+import numpy as np
 import pytest
 
 import lm
@@ -191,6 +192,34 @@ def test_redraw_cuts_new_windows_of_the_document_each_epoch(corpus, tiny_model_p
             assert any(seen[i] == " ".join(words[s:s + WORDS]) for s in range(max(1, len(words) - WORDS + 1)))
     changed = [sum(a != b for a, b in zip(seen[n_pseudo:], stored[n_pseudo:])) for seen in epochs]
     assert min(changed) >= (len(data) - n_pseudo) // 2 and epochs[0] != epochs[1]
+
+
+def test_redrawn_ranking_groups_keep_the_stored_passages_bm25_negatives(corpus, tiny_model_path):
+    """A group's query is a new window at each draw, but its BM25 candidates are searched with the stored
+    passage: the same whenever the group is first drawn, so a resumed run (candidates not yet known in
+    memory) draws the negatives an uninterrupted one does."""
+    task, root = "TinyShared", corpus["root"]
+    docs = [{"id": f"s{i}", "doc": " ".join(f"v{(i + k) % 12}" for k in range(9))} for i in range(N_DOCS)]
+    write_jsonl(docs, mc.docs_path(task, root))
+    write_jsonl([{"qid": "q", "instruction": INSTRUCTION, "query": "q", "labels": [{"id": "s0", "score": 1}]}],
+                mc.queries_path(task, root))
+    write_jsonl([{"id": d["id"], "gist": f"title {d['id']}"} for d in docs], mc.gist_path(task, root=root))
+    settings = dataclasses.replace(corpus["base"], num_pseudo=0, docasq_n=1, docasq_words=3, docasq_redraw=True,
+                                   rank_loss=True, bm25_positive_only=True, negative_depth=4, ranknet_mode="joint")
+    data = train_data.prepare(task, train_data.CorpusFile(mc.docs_path(task, root)),
+                              os.path.join(corpus["tmp"], "redraw-rank"), settings)
+    tok = lm.load_tokenizer(tiny_model_path)
+    first, later = (rank_groups.RankGroups(tok, data.bm25, data.docs, data, tok.eos_token_id, settings)
+                    for _ in range(2))
+    for step in range(4):
+        first(step)
+    later(9)
+    for groups in (first, later):
+        assert groups.known.any()
+        for g in np.flatnonzero(groups.known):
+            stored = data.row(int(data.groups[g]))["query"]
+            found = data.bm25.search_indices([stored], settings.negative_depth)[0]
+            assert groups.candidates(g, "unused").tolist() == found.tolist()
 
 
 # ---------------------------------------------------------------------------------------------- QUERY_FILTER
