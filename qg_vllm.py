@@ -53,6 +53,7 @@ C = {
     "LOG_DIR": "log",
 }
 
+
 def query_rows(instruction, num_q, generator, tokenizer, docs):
     prompts = [lm.chat_prompt_ids(tokenizer, query_generation_prompt(instruction, d["prepared"], C["ZERO_SHOT"]))
                for d in docs]

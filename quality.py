@@ -120,11 +120,13 @@ def write_report(output_path, figures, corpus, what):
     return path
 
 
-def report_output(path, docs, n, seed, doc_key, figures, corpus, what):
+def report_output(path, load_docs, n, seed, doc_key, figures, corpus, what):
     """Score a merged output beside it (unless its report is newer): `figures(docs, rows)` on the rows
-    of at most `n` of its documents (`sample_ids` with `seed`; `doc_key(row)` names a row's document)."""
+    of at most `n` of its documents (`sample_ids` with `seed`; `doc_key(row)` names a row's document);
+    `load_docs()` reads the corpus, only when the report is made."""
     if is_current(path):
         return
+    docs = load_docs()
     sample = sample_ids(docs, n, seed)
     rows = [row for row in read_jsonl(path) if str(doc_key(row)) in sample]
     write_report(path, figures(docs, rows), corpus, what)

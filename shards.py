@@ -368,7 +368,7 @@ def run(script, launch_settings, args, shard, output, flags):
         for corpus in mair_config.corpora_of(launch_settings.tasks, launch_settings.data_root):
             path = output.path(corpus)
             if corpus not in failed and os.path.exists(path):
-                docs = read_docs(mair_config.corpus_docs_path(corpus, launch_settings.data_root))
-                quality.report_output(path, docs, launch_settings.quality_docs, launch_settings.seed,
-                                      output.doc_key, output.figures, corpus, output.what)
+                docs_path = mair_config.corpus_docs_path(corpus, launch_settings.data_root)
+                quality.report_output(path, lambda: read_docs(docs_path), launch_settings.quality_docs,
+                                      launch_settings.seed, output.doc_key, output.figures, corpus, output.what)
     return 1 if failed else 0

@@ -94,8 +94,6 @@ def _docasq_on(settings):
     return settings.docasq_n > 0 and settings.docasq_mode != "none"
 
 
-
-
 class CorpusFile:
     """The documents of a docs.jsonl as a re-iterable stream of rows {"id": str, "doc": str}, with
     data.read_docs's checks (duplicate ids are caught when the document table is built)."""
@@ -105,7 +103,6 @@ class CorpusFile:
 
     def __iter__(self):
         return (doc for _, doc in iter_docs(self.path))
-
 
 
 def query_prompt(tokenizer, instruction, query, max_instruction_tokens, max_query_tokens):
@@ -161,8 +158,6 @@ def prepare(corpus, docs, folder, settings):
     if not os.path.exists(meta):
         raise DataError(f"{corpus}: no training data at {folder}: the main process could not build it (see its log)")
     return TrainingSet(folder)
-
-
 
 
 class TrainingSet:

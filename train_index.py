@@ -60,7 +60,6 @@ def append_text(file, text):
     return start, file.tell()
 
 
-
 class DocTable(Mapping):
     """A corpus's documents by position: ids (found through their hash) and DocIDs. As a mapping:
     doc id -> DocID over the documents that have one."""
@@ -98,8 +97,6 @@ class DocTable(Mapping):
 
     def __iter__(self):
         return (self.ids[i] for i in range(len(self.ids)) if self.has_docid[i])
-
-
 
 
 def build(corpus, docs, folder, sources, settings, stamp):
@@ -305,5 +302,3 @@ def _scan(path, table, offsets_file, docs_file, first, base, limit, keep=None):
             kept += 1
         flush()
     return kept, skipped, dropped
-
-

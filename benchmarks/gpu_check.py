@@ -66,9 +66,10 @@ def random_prompts(n, vocab, rng, length=(24, 64)):
 def check_training(device, tmp, smoke):
     """Loss falls over two epochs; a third epoch resumes from the newest checkpoint."""
     docs = read_jsonl(mair_config.docs_path("PyDoc-Sys"))[:64 if smoke else 512]
-    cfg = {"lr": 2e-3, "batch_size": 16, "warmup_steps": 0, "epochs": 2, "max_steps": None, "seed": SEED, "keep_checkpoints": 1,
-           "grad_accum": 1, "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0, "log_every": 10, "wandb": None,
-           "wandb_project": "zerogr", "dist_timeout": 1800, "precision": "bf16", "ranknet_mode": "joint"}
+    cfg = {"lr": 2e-3, "batch_size": 16, "warmup_steps": 0, "epochs": 2, "max_steps": None, "seed": SEED,
+           "keep_checkpoints": 1, "grad_accum": 1, "warmup_ratio": 0.0, "grad_clip": 1.0, "weight_decay": 0.0,
+           "log_every": 10, "wandb": None, "wandb_project": "zerogr", "dist_timeout": 1800, "precision": "bf16",
+           "ranknet_mode": "joint"}
     out = os.path.join(tmp, "sft")
 
     def train(epochs):

@@ -16,6 +16,7 @@ import time
 
 import genir
 import mair_config as mc
+from metrics import md_row, pct
 from file_io import atomic_open, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,21 +80,20 @@ def run(name, settings, tasks):
 def table(found, tasks):
     """Markdown: one row per candidate (its changes over BEFORE), ZeroGR's Acc@1 and R@100 per task, reranked
     Acc@1, training seconds."""
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     head = ["candidate", "changes", *(f"{t} Acc@1 / R@100" for t in tasks), "mean Acc@1",
             "reranked Acc@1", "training s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * (len(head) - 2)]
+    lines = [md_row(head), md_row(["---"] * 2 + ["---:"] * (len(head) - 2))]
     for name, by_task in found.items():
         gen = [by_task[t]["methods"]["ZeroGR"] for t in tasks]
         reranked = [by_task[t]["methods"].get("ZeroGR (reranked)", {}).get("Acc@1") for t in tasks]
         seconds = sum(read_json(os.path.join(ROOT, OUT, "models", name, mc.corpus_of(t), "training_complete.json"))
                       ["seconds"] for t in tasks)
-        lines.append("| " + " | ".join([
+        lines.append(md_row([
             f"**{name}** (demo.json)" if name == CHOSEN else name,
             ", ".join(f"{k}={v}" for k, v in CANDIDATES[name].items()),
             *(f"{pct(g['Acc@1'])} / {pct(g['R@100'])}" for g in gen),
             pct(sum(g["Acc@1"] for g in gen) / len(gen)),
-            " / ".join(pct(r) for r in reranked), f"{seconds:.0f}"]) + " |")
+            " / ".join(pct(r) for r in reranked), f"{seconds:.0f}"]))
     return "\n".join(lines) + "\n"
 
 
