@@ -75,6 +75,7 @@ C = {
     "MAX_QUERY_TOKENS": 64,                         # training queries
     "MAX_EVAL_QUERY_TOKENS": 128,
     "MAX_EVAL_INSTRUCTION_TOKENS": None,            # eval prompts: whole instruction (None, released) | first n tokens
+    "INSTRUCTION_IN_PROMPT": True,                  # False: retriever prompts (training, evaluation) are the query only
     # ranking loss of the original code: every RANK_EVERY steps, groups of 1 positive + GROUP_SIZE-1
     # BM25 negatives scored by RANK_TOKEN's logit at the last position, RankNet loss
     "RANK_LOSS": True,
@@ -103,8 +104,7 @@ C = {
     "RERANK_BATCH_SIZE": 512,                       # candidate rows scored together
     "BM25_WITH_INSTRUCTION": False,
     "BM25_STEMMER": None,                           # BM25 (baseline, negatives): unstemmed (None, released) | "english"
-    "BM25_POSITIVE_ONLY": False,                    # False: top MAX_RESULTS / NEGATIVE_DEPTH whatever the score,
-                                                    #   zero-score documents last (released); True: scored ones only
+    "BM25_POSITIVE_ONLY": False,                    # True: scored documents only (released: zero-score ones last)
     "DROP_NO_POSITIVE": False,                      # True: queries with no relevant label leave the qrels (BEIR)
     "DOCID_COLLISION_WARN": 0.5,                    # warn when more documents than this share their DocID
     "ACC1": "p@1",                                  # "p@1" (the paper's accuracy) | "ndcg@1" (the released code's log)
@@ -185,14 +185,13 @@ def load_trie(corpus, tokenizer, docs, gists):
 
 def eval_prompts(tokenizer, queries):
     """Chat-encoded prompt token ids of evaluation queries, in the training prompts' format: the
-    instruction whole (MAX_EVAL_INSTRUCTION_TOKENS None) or cut to MAX_EVAL_INSTRUCTION_TOKENS tokens,
-    the query cut to MAX_EVAL_QUERY_TOKENS."""
+    instruction whole (MAX_EVAL_INSTRUCTION_TOKENS None) or cut to MAX_EVAL_INSTRUCTION_TOKENS tokens
+    (none with INSTRUCTION_IN_PROMPT False), the query cut to MAX_EVAL_QUERY_TOKENS."""
     cut = C["MAX_EVAL_INSTRUCTION_TOKENS"]
-    instructions = [q.get("instruction") or "" for q in queries]
+    instructions = [C["INSTRUCTION_IN_PROMPT"] and q.get("instruction") or "" for q in queries]
     instructions = instructions if cut is None else [lm.truncate_tokens(tokenizer, i, cut) for i in instructions]
-    return [lm.chat_prompt_ids(tokenizer, retrieval_prompt(i, lm.truncate_tokens(tokenizer, q["query"],
-                                                                                   C["MAX_EVAL_QUERY_TOKENS"])))
-            for i, q in zip(instructions, queries)]
+    texts = [lm.truncate_tokens(tokenizer, q["query"], C["MAX_EVAL_QUERY_TOKENS"]) for q in queries]
+    return [lm.chat_prompt_ids(tokenizer, retrieval_prompt(i, text)) for i, text in zip(instructions, texts)]
 
 
 def decode_settings(**changes):
@@ -284,9 +283,10 @@ def evaluate_task(task, bm25_cache):
               "queries": len(t.qrels), "decoded_queries": len(t.queries), "methods": method_metrics(t.qrels, runs),
               "qrels_report": t.report, "warnings": t.warnings, "seconds": round(time.time() - started, 1),
               "generator_quality": {k: sources[k] and quality.read_report(sources[k]) for k in ("queries", "docids")},
-              "settings": {k: C[k] for k in ("DECODE_MODE", "K", "SLOPE", "MIDPOINT", "T_MAX", "TOP_K", "TOP_P",
-                                             "MAX_RESULTS", "SEED", "BM25_WITH_INSTRUCTION", "BM25_STEMMER",
-                                             "BM25_POSITIVE_ONLY", "MAX_EVAL_INSTRUCTION_TOKENS", "DROP_NO_POSITIVE")},
+              "settings": {k: C[k] for k in (
+                  "DECODE_MODE", "K", "SLOPE", "MIDPOINT", "T_MAX", "TOP_K", "TOP_P", "MAX_RESULTS", "SEED",
+                  "BM25_WITH_INSTRUCTION", "BM25_STEMMER", "BM25_POSITIVE_ONLY", "MAX_EVAL_INSTRUCTION_TOKENS",
+                  "INSTRUCTION_IN_PROMPT", "DROP_NO_POSITIVE")},
               "epochs": sft.epochs_trained(model_dir(t.corpus))}
     if env_rank() == 0:
         results.write_runs(os.path.join(run_dir(), task), runs)

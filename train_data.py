@@ -58,6 +58,7 @@ class TrainDataSettings:
     dist_timeout: float
     max_len: int
     max_instruction_tokens: int
+    instruction_in_prompt: bool    # False: prompts are the query alone
     max_query_tokens: int
     rank_loss: bool            # with the ranking loss: the BM25 index and the groups' candidates
     negative_depth: int
@@ -111,8 +112,10 @@ def query_prompt(tokenizer, instruction, query, max_instruction_tokens, max_quer
 
 
 def encode(tokenizer, row, docid, settings):
-    """{"input_ids", "labels"} of [instruction + "\\n" + query -> DocID] for a training row."""
-    prompt = query_prompt(tokenizer, row["instruction"], row["query"], settings.max_instruction_tokens,
+    """{"input_ids", "labels"} of [instruction + "\\n" + query -> DocID] for a training row (the query alone
+    without `instruction_in_prompt`)."""
+    instruction = row["instruction"] if settings.instruction_in_prompt else ""
+    prompt = query_prompt(tokenizer, instruction, row["query"], settings.max_instruction_tokens,
                           settings.max_query_tokens)
     return lm.encode_example(tokenizer, prompt, docid, settings.max_len)
 

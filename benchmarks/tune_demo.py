@@ -5,6 +5,9 @@ tasks, with the demo's own query and DocID generators; the table goes to benchma
 
     make demo && python -m benchmarks.tune_demo        # about 25 minutes on 2 CPU cores
 
+The "smol-" candidates train on pseudo-queries of SmolLM2-135M-Instruct used zero-shot (`make real-model`),
+made here once (about 12 minutes): what a query generator that reads the document adds to the recipe.
+
 Finished candidates are reused (out/tune/<candidate>/); delete that folder to run one again.
 """
 import argparse
@@ -24,7 +27,7 @@ OUT = os.path.join("out", "tune")
 TABLE = os.path.join(ROOT, "benchmarks", "tune_demo.md")
 # the demo's settings before this tuning, for every key a candidate changes (demo.json now holds the choice)
 BEFORE = {"NUM_PSEUDO": None, "DOCASQ_REDRAW": False, "QUERY_FILTER": None, "DOCASQ_WORDS": 32, "EPOCHS": 6,
-          "MAX_STEPS": None, "RANK_EVERY": 8, "RANK_LOSS": True, "RERANK": True}
+          "MAX_STEPS": None, "RANK_EVERY": 8, "RANK_LOSS": True, "RERANK": True, "INSTRUCTION_IN_PROMPT": True}
 # name -> changes over BEFORE, in the order they were tried
 CANDIDATES = {
     "before": {},
@@ -48,24 +51,44 @@ CANDIDATES = {
     "B0-redraw-w12-from-id": {"NUM_PSEUDO": 0, "DOCASQ_REDRAW": True, "EPOCHS": 12, "DOCASQ_WORDS": 12,
                               "RANK_LOSS": False, "RERANK": False, "BASE_MODEL": "models/tiny-id"},
 }
-CHOSEN = "B0-redraw-w12"  # the best mean Acc@1 of the development tasks: configs/demo.json holds these settings
+# a query generator that reads the document: SmolLM2 zero-shot, 2 per document, all or only those BM25 ties back
+SMOL_QG = ["--MODEL_NAME=models/SmolLM2-135M-Instruct", "--ZERO_SHOT=True", "--MODEL_SUFIX=SMOL", "--NUM_Q=2",
+           "--MAX_TOKENS=32", "--DOC_WORDS=96", "--TOTAL_NUM=1"]
+SMOL = {"QG_SUFIX": "SMOL", "NUM_Q": 2, "DOCASQ_REDRAW": True, "EPOCHS": 12, "DOCASQ_WORDS": 12, "RANK_LOSS": False,
+        "RERANK": False}
+CANDIDATES.update({
+    "B0-redraw-w12-noinstr": {**CANDIDATES["B0-redraw-w12"], "INSTRUCTION_IN_PROMPT": False},
+    "B0-redraw-w12-noinstr-seed1": {**CANDIDATES["B0-redraw-w12"], "INSTRUCTION_IN_PROMPT": False, "SEED": 1},
+    "B4-redraw-w12-noinstr": {**CANDIDATES["B4-redraw-w12"], "INSTRUCTION_IN_PROMPT": False},
+    "smol-B2-redraw-w12": SMOL,
+    "smol-B2-filter1-redraw-w12": {**SMOL, "QUERY_FILTER": 1},
+    "smol-B2-filter1-redraw-w12-seed1": {**SMOL, "QUERY_FILTER": 1, "SEED": 1},
+})
+CHOSEN = "B0-redraw-w12-noinstr"  # the best mean Acc@1 of the development tasks: configs/demo.json holds these settings
 
 
-def generated_data(tasks):
-    """The development tasks' pseudo-queries and DocIDs, made by the demo's generators when missing."""
+def generated_data(tasks, smol):
+    """The development tasks' pseudo-queries and DocIDs, made by the demo's generators when missing (and
+    SmolLM2's pseudo-queries when `smol`)."""
     demo, root = read_json(os.path.join(ROOT, "configs", "demo.json")), mc.DATA_ROOT
     qg, gist_type = demo["qg_vllm"], demo["genir"].get("GIST_TYPE", genir.C["GIST_TYPE"])
-    for script, path in (("qg_vllm.py", lambda c: mc.pseudo_queries_path(c, qg["MODEL_SUFIX"], qg["NUM_Q"], root)),
-                         ("title_vllm.py", lambda c: mc.gist_path(c, gist_type, root))):
+    jobs = [("qg_vllm.py", [], lambda c: mc.pseudo_queries_path(c, qg["MODEL_SUFIX"], qg["NUM_Q"], root)),
+            ("title_vllm.py", [], lambda c: mc.gist_path(c, gist_type, root))]
+    if smol:
+        jobs.append(("qg_vllm.py", SMOL_QG, lambda c: mc.pseudo_queries_path(c, SMOL["QG_SUFIX"], SMOL["NUM_Q"], root)))
+    for script, flags, path in jobs:
         if not all(os.path.exists(path(t)) for t in tasks):
             subprocess.check_call([sys.executable, script, "--config", "configs/demo.json",
-                                   f"--TASKS={json.dumps(tasks)}"], cwd=ROOT)
+                                   f"--TASKS={json.dumps(tasks)}", *flags], cwd=ROOT)
+
+
+def metrics_paths(name, tasks):
+    return [os.path.join(ROOT, OUT, name, t, "metrics.json") for t in tasks]
 
 
 def run(name, settings, tasks):
-    """genir.py on `tasks` with the candidate's settings; {task: metrics.json}."""
-    done = [os.path.join(ROOT, OUT, name, t, "metrics.json") for t in tasks]
-    if not all(map(os.path.exists, done)):
+    """genir.py on `tasks` with the candidate's settings, unless finished before."""
+    if not all(map(os.path.exists, metrics_paths(name, tasks))):
         flags = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in {**BEFORE, **settings}.items()]
         started = time.time()
         with open(os.path.join(ROOT, OUT, f"{name}.log"), "a") as log:
@@ -74,7 +97,6 @@ def run(name, settings, tasks):
                                    f"--MODEL_DIR={os.path.join(OUT, 'models')}", *flags],
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         print(f"{name}: {time.time() - started:.0f} s", flush=True)
-    return {t: read_json(p) for t, p in zip(tasks, done)}
 
 
 def table(found, tasks):
@@ -99,13 +121,16 @@ def table(found, tasks):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", help="candidates to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="candidates to run (default: all); the table has every finished one")
     args = parser.parse_args()
     tasks = mc.DEMO_DEV_TASKS
     os.makedirs(os.path.join(ROOT, OUT), exist_ok=True)
-    generated_data(tasks)
-    found = {name: run(name, settings, tasks) for name, settings in CANDIDATES.items()
-             if not args.only or name in args.only}
+    chosen = [name for name in CANDIDATES if not args.only or name in args.only]
+    generated_data(tasks, any(name.startswith("smol-") for name in chosen))
+    for name in chosen:
+        run(name, CANDIDATES[name], tasks)
+    found = {name: {t: read_json(p) for t, p in zip(tasks, metrics_paths(name, tasks))}
+             for name in CANDIDATES if all(map(os.path.exists, metrics_paths(name, tasks)))}
     text = (f"# Choosing the demo recipe on the development tasks\n\n`python -m benchmarks.tune_demo` "
             f"(configs/demo.json, the tuned keys set to `BEFORE` {json.dumps(BEFORE)}, then each candidate's "
             f"changes; ZeroGR x100 on {', '.join(tasks)}). Chosen: the best mean Acc@1. Training s: wall clock "

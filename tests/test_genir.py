@@ -29,9 +29,8 @@ def _settings(root, tmp, tiny):
             "RANK_EVERY": 4, "GROUP_SIZE": 4, "K": 12, "EVAL_BATCH_SIZE": 64, "NUM_BEAMS": 6,
             "ABLATION_MODES": ["greedy", "iterative_greedy", "reverse_annealed"],
             "BM25_STEMMER": "english", "BM25_POSITIVE_ONLY": True, "MAX_EVAL_INSTRUCTION_TOKENS": 64,
-            "ACC1": "p@1", "MAIR_AVERAGE": "domains", "EVAL_EVERY_EPOCH": False, "NUM_PSEUDO": None,
-            "DOCASQ_REDRAW": False, "QUERY_FILTER": None,
-            "DOCASQ_MODE": "random"}
+            "INSTRUCTION_IN_PROMPT": True, "ACC1": "p@1", "MAIR_AVERAGE": "domains", "EVAL_EVERY_EPOCH": False,
+            "NUM_PSEUDO": None, "DOCASQ_REDRAW": False, "QUERY_FILTER": None, "DOCASQ_MODE": "random"}
 
 
 def _make_corpus(root, demo_root):

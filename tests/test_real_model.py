@@ -62,7 +62,7 @@ def pipeline(tmp_path_factory, demo_root, smol_path):
                   "EVAL_EVERY_EPOCH": True, "NUM_PSEUDO": None, "DOCASQ_MODE": "random", "MAX_STEPS": None,
                   "DOCASQ_REDRAW": False, "QUERY_FILTER": None,
                   "BM25_STEMMER": None, "BM25_POSITIVE_ONLY": False, "MAX_EVAL_INSTRUCTION_TOKENS": None,
-                  "ACC1": "p@1", "MAIR_AVERAGE": "domains"},
+                  "INSTRUCTION_IN_PROMPT": True, "ACC1": "p@1", "MAIR_AVERAGE": "domains"},
     }
     path = str(tmp / "smol.json")
     write_json(config, path)

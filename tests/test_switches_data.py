@@ -43,8 +43,9 @@ def corpus(tmp_path_factory):
     base = train_data.TrainDataSettings(
         data_root=root, qg_sufix="QG", num_q=NUM_Q, num_pseudo=None, gist_type="title", docasq_n=2,
         docasq_mode="random", docasq_words=WORDS, docasq_redraw=False, query_filter=None, seed=0, dist_timeout=60,
-        max_len=128, max_instruction_tokens=32, max_query_tokens=32, rank_loss=False, negative_depth=10,
-        bm25_stemmer=None, bm25_positive_only=False, batch_size=4, group_size=2, rank_every=1, ranknet_mode="joint")
+        max_len=128, max_instruction_tokens=32, instruction_in_prompt=True, max_query_tokens=32, rank_loss=False,
+        negative_depth=10, bm25_stemmer=None, bm25_positive_only=False, batch_size=4, group_size=2, rank_every=1,
+        ranknet_mode="joint")
     return {"tmp": tmp, "root": root, "docs": docs, "base": base}
 
 

@@ -19,7 +19,8 @@ from small_corpus import write_small_corpus
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "PyDoc-Net"
 SWITCHES = {"WEIGHT_DECAY": 0.0, "PRECISION": "bf16", "RANKNET_MODE": "joint", "BM25_STEMMER": "english",
-            "BM25_POSITIVE_ONLY": True, "MAX_EVAL_INSTRUCTION_TOKENS": 64, "ACC1": "p@1", "MAIR_AVERAGE": "domains",
+            "BM25_POSITIVE_ONLY": True, "MAX_EVAL_INSTRUCTION_TOKENS": 64, "INSTRUCTION_IN_PROMPT": True, "ACC1": "p@1",
+            "MAIR_AVERAGE": "domains",
             "NUM_PSEUDO": None, "DOCASQ_MODE": "random", "KEEP_CHECKPOINTS": 0, "DROP_NO_POSITIVE": False,
             "DOCASQ_REDRAW": False, "QUERY_FILTER": None}
 

@@ -1,7 +1,7 @@
 """Evaluation-side switches for fidelity to the released code, each run both ways on the real code
 path: BM25's stemmer and positive-only rankings (baseline and ranking-loss negatives), the
-evaluation prompts' instruction cut, title_vllm's DocID normaliser, and the tables' definitions of
-Acc@1 and of the MAIR average."""
+evaluation prompts' instruction cut, prompts without the instruction, title_vllm's DocID normaliser,
+and the tables' definitions of Acc@1 and of the MAIR average."""
 import logging
 import os
 
@@ -130,6 +130,21 @@ def test_eval_prompts_keep_the_whole_instruction_or_cut_it(tiny_model_path, geni
     assert cut == lm.chat_prompt_ids(tok, train_data.query_prompt(tok, instruction, query, 64, 128))
 
 
+def test_instruction_in_prompt_off_leaves_the_query_alone_in_training_and_evaluation(tiny_model_path, genir_c):
+    tok = lm.load_tokenizer(tiny_model_path)
+    row = {"instruction": "Find the function that closes network connections.", "query": "how do I close a socket"}
+    genir_c.update(MAX_EVAL_QUERY_TOKENS=128, MAX_INSTRUCTION_TOKENS=64, MAX_EVAL_INSTRUCTION_TOKENS=64,
+                   MAX_QUERY_TOKENS=64, MAX_LEN=128)
+    prompts, trained = {}, {}
+    for on in (True, False):
+        genir_c.update(INSTRUCTION_IN_PROMPT=on)
+        prompts[on] = genir.eval_prompts(tok, [{"qid": "1", **row}])[0]
+        example = train_data.encode(tok, row, "socket close", genir.train_data_settings())
+        trained[on] = example["input_ids"][:sum(label == lm.IGNORE_INDEX for label in example["labels"])]
+    assert "closes network" in tok.decode(prompts[True]) and trained[True] == prompts[True]
+    assert prompts[False] == lm.chat_prompt_ids(tok, row["query"]) and trained[False] == prompts[False]
+
+
 @pytest.mark.parametrize("setting, message", [
     ("--MAX_EVAL_INSTRUCTION_TOKENS=abc", "MAX_EVAL_INSTRUCTION_TOKENS='abc'"),
     ("--MAX_EVAL_INSTRUCTION_TOKENS=0", "MAX_EVAL_INSTRUCTION_TOKENS=0"),
@@ -250,11 +265,11 @@ def test_write_results_and_ablation_name_the_definitions(tmp_path):
 def test_shipped_configs_set_the_switches():
     demo = read_json(os.path.join(os.path.dirname(genir.__file__), "configs", "demo.json"))
     assert {k: demo["genir"][k] for k in ("BM25_STEMMER", "BM25_POSITIVE_ONLY", "MAX_EVAL_INSTRUCTION_TOKENS",
-                                          "ACC1", "MAIR_AVERAGE")} == \
-        {"BM25_STEMMER": "english", "BM25_POSITIVE_ONLY": True, "MAX_EVAL_INSTRUCTION_TOKENS": 64, "ACC1": "p@1",
-         "MAIR_AVERAGE": "domains"}
+                                          "INSTRUCTION_IN_PROMPT", "ACC1", "MAIR_AVERAGE")} == \
+        {"BM25_STEMMER": "english", "BM25_POSITIVE_ONLY": True, "MAX_EVAL_INSTRUCTION_TOKENS": 64,
+         "INSTRUCTION_IN_PROMPT": False, "ACC1": "p@1", "MAIR_AVERAGE": "domains"}
     assert demo["title_vllm"]["NORMALIZE_DOCIDS"] is True
     # the released code's behaviour is the default
     assert (genir.C["BM25_STEMMER"], genir.C["BM25_POSITIVE_ONLY"], genir.C["MAX_EVAL_INSTRUCTION_TOKENS"],
-            genir.C["ACC1"], genir.C["MAIR_AVERAGE"], title_vllm.C["NORMALIZE_DOCIDS"]) == \
-        (None, False, None, "p@1", "domains", False)
+            genir.C["INSTRUCTION_IN_PROMPT"], genir.C["ACC1"], genir.C["MAIR_AVERAGE"],
+            title_vllm.C["NORMALIZE_DOCIDS"]) == (None, False, None, True, "p@1", "domains", False)
