@@ -3,7 +3,7 @@ modules neither trained on nor evaluated, queries in no training data), never on
 Each candidate is genir.py with configs/demo.json plus the candidate's settings, on both development
 tasks, with the demo's own query and DocID generators; the table goes to benchmarks/tune_demo.md.
 
-    make demo && python -m benchmarks.tune_demo        # about 25 minutes on 2 CPU cores
+    make demo && python -m benchmarks.tune_demo        # about 55 minutes on 2 CPU cores
 
 The "smol-" candidates train on pseudo-queries of SmolLM2-135M-Instruct used zero-shot (`make real-model`),
 made here once (about 12 minutes): what a query generator that reads the document adds to the recipe.
