@@ -19,6 +19,7 @@ import time
 
 import genir
 import mair_config as mc
+from benchmarks.generator_quality import SMOL as SMOL_MODEL
 from metrics import md_row, pct
 from file_io import atomic_open, read_json
 
@@ -52,10 +53,9 @@ CANDIDATES = {
                               "RANK_LOSS": False, "RERANK": False, "BASE_MODEL": "models/tiny-id"},
 }
 # a query generator that reads the document: SmolLM2 zero-shot, 2 per document, all or only those BM25 ties back
-SMOL_QG = ["--MODEL_NAME=models/SmolLM2-135M-Instruct", "--ZERO_SHOT=True", "--MODEL_SUFIX=SMOL", "--NUM_Q=2",
-           "--MAX_TOKENS=32", "--DOC_WORDS=96", "--TOTAL_NUM=1"]
-SMOL = {"QG_SUFIX": "SMOL", "NUM_Q": 2, "DOCASQ_REDRAW": True, "EPOCHS": 12, "DOCASQ_WORDS": 12, "RANK_LOSS": False,
-        "RERANK": False}
+SMOL = {"QG_SUFIX": "SMOL", "NUM_Q": 2, **CANDIDATES["B4-redraw-w12"]}
+SMOL_QG = [f"--MODEL_NAME={SMOL_MODEL}", "--ZERO_SHOT=True", f"--MODEL_SUFIX={SMOL['QG_SUFIX']}",
+           f"--NUM_Q={SMOL['NUM_Q']}", "--MAX_TOKENS=32", "--DOC_WORDS=96", "--TOTAL_NUM=1"]
 CANDIDATES.update({
     "B0-redraw-w12-noinstr": {**CANDIDATES["B0-redraw-w12"], "INSTRUCTION_IN_PROMPT": False},
     "B0-redraw-w12-noinstr-seed1": {**CANDIDATES["B0-redraw-w12"], "INSTRUCTION_IN_PROMPT": False, "SEED": 1},
@@ -92,9 +92,13 @@ def metrics_paths(name, tasks):
     return [os.path.join(ROOT, OUT, name, t, "metrics.json") for t in tasks]
 
 
+def finished(name, tasks):
+    return all(map(os.path.exists, metrics_paths(name, tasks)))
+
+
 def run(name, settings, tasks):
     """genir.py on `tasks` with the candidate's settings, unless finished before."""
-    if not all(map(os.path.exists, metrics_paths(name, tasks))):
+    if not finished(name, tasks):
         flags = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in {**BEFORE, **settings}.items()]
         started = time.time()
         with open(os.path.join(ROOT, OUT, f"{name}.log"), "a") as log:
@@ -136,7 +140,7 @@ def main():
     for name in chosen:
         run(name, CANDIDATES[name], tasks)
     found = {name: {t: read_json(p) for t, p in zip(tasks, metrics_paths(name, tasks))}
-             for name in CANDIDATES if all(map(os.path.exists, metrics_paths(name, tasks)))}
+             for name in CANDIDATES if finished(name, tasks)}
     text = (f"# Choosing the demo recipe on the development tasks\n\n`python -m benchmarks.tune_demo` "
             f"(configs/demo.json, the tuned keys set to `BEFORE` {json.dumps(BEFORE)}, then each candidate's "
             f"changes; ZeroGR x100 on {', '.join(tasks)}). Chosen: the best mean Acc@1; a later candidate "
